@@ -4,12 +4,23 @@ Tiny model configs test behaviour; full-size configs appear only where size matt
 counts against the paper, checkpoint shapes). Nothing here needs a GPU or the network.
 """
 import copy
+import hashlib
+import json
+import os
+import re
+import tarfile
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
 import torch
+import torchvision
+from PIL import Image
 
 import arc
+import data
+import swin
 import vit
 
 
@@ -210,3 +221,425 @@ def test_bad_weight_files_fail_with_a_clear_error(tmp_path):
     (tmp_path / "text.pth").write_text("not a checkpoint")
     with pytest.raises(arc.CheckpointError, match=r"text\.pth: unreadable"):
         vit.load_pretrained(tiny_vit(), tmp_path / "text.pth")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Swin: parameter counts, exact folding, window and shift semantics, checkpoint layouts
+
+
+def _swin_tiny(**kw):
+    """3 stages at 64 px: 16x16 (shifted 4x4 windows), 8x8 (shifted), 4x4 (one window, no shift)."""
+    kw = {"num_classes": 5, "img_size": 64, **kw}
+    return swin.SwinTransformer(16, (2, 2, 2), (1, 2, 4), window=4, **kw)
+
+
+@torch.no_grad()
+def _swin_randomize(model, which=lambda name: True, std=0.3):
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if which(name):
+            p.copy_(torch.randn_like(p) * std + (1.0 if re.search(r"norm\d?\.weight$", name) else 0.0))
+    return model
+
+
+def _swin_is_arc_or_head(name):
+    return "adapter" in name or "down_proj" in name or name.startswith("head.")
+
+
+def test_swin_b_arc_parameter_counts():
+    dims, depths, r, classes = [128, 256, 512, 1024], [2, 2, 18, 2], 50, 47
+    head = dims[-1] * classes + classes
+    for method, sides in (("arc", 2), ("arc_att", 1)):
+        expected = sides * sum(d * r + L * (r + d) for d, L in zip(dims, depths))  # per-stage W, per-block c, b
+        model = swin.swin_b(num_classes=classes, arc=method, rank=r)
+        assert sum(v.numel() for v in arc.arc_state_dict(model, head=None).values()) == expected
+        assert arc.mark_trainable(model) == expected + head
+    assert expected == 109_232 and 2 * expected == 218_464  # the paper's 0.27M with the 47-class head
+
+
+@pytest.mark.parametrize("img_size", [64, 32])  # 32 px: the last map (2x2) is smaller than the window
+@pytest.mark.parametrize("method", ["arc", "arc_att"])
+def test_swin_folding_is_exact(method, img_size):
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-9)):
+        model = _swin_randomize(_swin_tiny(arc=method, rank=6, img_size=img_size), _swin_is_arc_or_head)
+        model = model.to(dtype).eval()
+        x = torch.randn(3, 3, img_size, img_size, dtype=dtype)
+        with torch.no_grad():
+            adapted = model(x)
+            folded = arc.reparameterize(model)(x)
+            plain = _swin_tiny(img_size=img_size).to(dtype).eval()
+            plain.load_state_dict(model.state_dict(), strict=True)
+            assert (folded - adapted).abs().max() < tol
+            assert (plain(x) - adapted).abs().max() < tol
+            assert adapted.std() > 0.1  # the adapters and head really do something
+
+
+def test_swin_shift_mask_separates_regions():
+    resolution, window, shift = 8, 4, 2
+    mask = swin.shift_mask(resolution, window, shift)
+    assert mask.shape == (4, 16, 16)
+    # independently: in the rolled map, token (i, j) of window (wy, wx) came from across the border
+    # along an axis when its rolled coordinate is in the last `shift` rows/columns
+    for w in range(4):
+        wy, wx = divmod(w, 2)
+        for a in range(16):
+            for b in range(16):
+                (ya, xa), (yb, xb) = divmod(a, 4), divmod(b, 4)
+                wrapped = lambda y, x: (wy * 4 + y >= resolution - shift, wx * 4 + x >= resolution - shift)
+                assert mask[w, a, b] == (0.0 if wrapped(ya, xa) == wrapped(yb, xb) else -100.0)
+    assert (mask.diagonal(dim1=1, dim2=2) == 0).all() and (mask[0] == 0).all() and (mask[3] == -100).any()
+
+
+def test_swin_relative_position_index():
+    w = 3
+    index = swin.relative_position_index(w)
+    for a in range(w * w):
+        for b in range(w * w):
+            (ya, xa), (yb, xb) = divmod(a, w), divmod(b, w)
+            assert index[a, b] == (ya - yb + w - 1) * (2 * w - 1) + (xa - xb + w - 1)
+
+
+@pytest.mark.parametrize("shift, token, reached", [
+    (0, (0, 0), {(y, x) for y in range(4) for x in range(4)}),     # its own 4x4 window
+    (2, (3, 3), {(y, x) for y in range(2, 6) for x in range(2, 6)}),  # the window shifted by (2, 2)
+    (2, (0, 0), {(y, x) for y in range(2) for x in range(2)}),     # wrapped around: the mask isolates it
+])
+def test_swin_block_attends_within_its_window(shift, token, reached):
+    torch.manual_seed(0)
+    block = swin.Block(8, 2, resolution=8, window=4, shift=shift).eval()
+    x = torch.randn(1, 64, 8)
+    nudged = x.clone()
+    nudged[0, token[0] * 8 + token[1]] += torch.randn(8)  # not a constant: LayerNorm would erase it
+    with torch.no_grad():
+        changed = (block(nudged) - block(x)).abs().amax(-1)[0] > 1e-6
+    assert {divmod(i, 8) for i in changed.nonzero().flatten().tolist()} == reached
+
+
+def test_swin_images_in_a_batch_are_independent():
+    # the per-window mask must line up with each image's windows, not leak across images
+    model = _swin_randomize(_swin_tiny()).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), torch.cat([model(image[None]) for image in x]), atol=1e-5)
+
+def test_swin_patch_merging_order():
+    # Microsoft's order, which the pretrained reduction weights expect: (0,0), (1,0), (0,1), (1,1) as (row, col)
+    merging, seen = swin.PatchMerging(1, resolution=4), []
+    merging.norm.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    merging(torch.arange(16.0).view(1, 16, 1))  # token value = row * 4 + col
+    assert seen[0][0].tolist() == [[0, 4, 1, 5], [2, 6, 3, 7], [8, 12, 9, 13], [10, 14, 11, 15]]
+
+def test_swin_t_windows_and_buffers():
+    model = swin.swin_t()
+    assert [s.blocks[1].shift for s in model.layers] == [3, 3, 3, 0]  # 7x7 map in the last stage: no shift
+    assert model.layers[3].blocks[0].attn.relative_position_bias_table.shape == (169, 24)
+    assert not [k for k in model.state_dict() if "relative_position_index" in k or "attn_mask" in k]
+    assert model.layers[0].downsample.reduction.weight.shape == (192, 384)
+    assert isinstance(model.layers[3].downsample, torch.nn.Identity)
+
+
+def _swin_timm_layout(sd):
+    """Microsoft's names -> timm >= 0.9's: downsample at the start of the next stage, head.fc."""
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m[1]) + 1}.downsample.", k)
+        out[re.sub(r"^head\.", "head.fc.", k)] = v
+    return out
+
+
+def test_swin_loads_microsoft_and_timm_layouts(tmp_path):
+    sd = _swin_randomize(_swin_tiny()).state_dict()
+    garbage = {"layers.0.blocks.0.attn.relative_position_index": torch.randint(0, 49, (16, 16)),
+               "layers.0.blocks.1.attn_mask": torch.randn(16, 16, 16)}
+    torch.save({"model": {**sd, **garbage}}, tmp_path / "microsoft.pth")
+    torch.save(_swin_timm_layout(sd), tmp_path / "timm.pth")
+    assert "layers.1.downsample.reduction.weight" in _swin_timm_layout(sd)
+    x, logits = torch.randn(2, 3, 64, 64), []
+    for name in ("microsoft.pth", "timm.pth"):
+        torch.manual_seed(0)  # the same adapters in both
+        model = swin.load_pretrained(_swin_tiny(arc="arc", rank=4), tmp_path / name).eval()
+        own = model.state_dict()
+        assert all(torch.equal(own[k], v) for k, v in sd.items()), name
+        assert model.layers[0].blocks[0].attn.relative_position_index.max() == 48  # rebuilt, not loaded
+        with torch.no_grad():
+            logits.append(model(x))
+    assert torch.equal(*logits)
+    # another head (e.g. ImageNet-22k's): backbone loads, head stays zero
+    model = swin.load_pretrained(_swin_tiny(num_classes=7), tmp_path / "microsoft.pth")
+    assert model.head.weight.abs().sum() == 0 and torch.equal(model.norm.weight, sd["norm.weight"])
+
+
+def test_swin_rejects_mismatching_checkpoints(tmp_path):
+    torch.save({"model": _swin_tiny().state_dict()}, tmp_path / "narrow.pth")
+    torch.save(vit.VisionTransformer(16, 16, 1, 2, 32, img_size=32).state_dict(), tmp_path / "vit.pth")
+    wider = swin.SwinTransformer(24, (2, 2, 2), (1, 2, 4), window=4, img_size=64, num_classes=5)
+    for model, name in ((wider, "narrow.pth"), (_swin_tiny(), "vit.pth")):
+        with pytest.raises(arc.CheckpointError, match=re.escape(str(tmp_path / name))):
+            swin.load_pretrained(model, tmp_path / name)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"arc": "lora"}, "arc must be"),
+    ({"img_size": 200}, "multiple of 32"),
+    ({"img_size": 256}, "windows"),  # 64x64 first map does not split into 7x7 windows
+])
+def test_swin_rejects_bad_arguments(kw, message):
+    with pytest.raises(ValueError, match=message):
+        swin.swin_t(**kw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# data.py: every reader on small datasets written under tmp_path
+
+
+_DATA_SIZE = 32  # img_size of every test
+
+
+def _data_write_image(path, ident):
+    """An 8x8 solid-colour JPEG whose colour encodes `ident` (< 32**3): three base-32 digits, step 8."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    colour = tuple(8 * (ident // 32 ** c % 32) + 4 for c in range(3))
+    Image.new("RGB", (8, 8), colour).save(path, quality=100, subsampling=0)
+
+
+def _data_ident(image):
+    """The ident of an image written by _data_write_image, from its uint8 (3, H, W) tensor."""
+    digits = ((image.float().mean((1, 2)) - 4) / 8).round().long().tolist()
+    return sum(d * 32 ** c for c, d in enumerate(digits))
+
+
+def _data_idents(dataset):
+    return [_data_ident(dataset[i][0]) for i in range(len(dataset))]
+
+
+def _data_labels(dataset):
+    return [dataset[i][1] for i in range(len(dataset))]
+
+
+def _data_write_list(list_file, lines):
+    os.makedirs(os.path.dirname(list_file), exist_ok=True)
+    with open(list_file, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _data_vtab(root, train, test, task="eurosat"):
+    """A VTAB-1k task folder in NOAH's layout; train/test: [(ident, label)]; returns the folder."""
+    folder = root / "vtab-1k" / task
+    for split, samples in (("train800val200", train), ("test", test)):
+        for ident, _ in samples:
+            _data_write_image(folder / "images" / split / f"{ident:06d}.jpg", ident)
+        _data_write_list(folder / f"{split}.txt", [f"images/{split}/{i:06d}.jpg {label}" for i, label in samples])
+    return folder
+
+
+def _data_dtd_tree(root, classes, counts):
+    """torchvision's DTD layout under root/dtd/dtd; counts: images per class for train1/val1/test1.
+    Lists are sorted by class, as in the release. Returns {split: [names]} and {name: ident}."""
+    base, names, idents = root / "dtd" / "dtd", {}, {}
+    for split, per_class in zip(("train", "val", "test"), counts):
+        names[split] = [f"{c}/{c}_{split}_{i:04d}.jpg" for c in classes for i in range(per_class)]
+        for name in names[split]:
+            idents[name] = len(idents)
+            _data_write_image(base / "images" / name, idents[name])
+        _data_write_list(base / "labels" / f"{split}1.txt", names[split])
+    return names, idents
+
+
+def _data_tfds_first(names, split, n):
+    return sorted(names, key=lambda name: hashlib.md5(split.encode() + name.encode()).digest())[:n]
+
+
+def _data_error(match, *args, **kw):
+    with pytest.raises(data.DataError, match=match) as info:
+        data.build(*args, img_size=_DATA_SIZE, **kw)
+    assert "\n" not in str(info.value) and "Traceback" not in str(info.value)
+    return str(info.value)
+
+
+def test_data_synthetic_is_balanced_deterministic_uint8():
+    task = data.build("synthetic", img_size=_DATA_SIZE)
+    assert isinstance(task.train, data.Preloaded) and isinstance(task.test, data.Preloaded)
+    assert task.train.images.shape == (500, 3, _DATA_SIZE, _DATA_SIZE) and task.train.images.dtype == torch.uint8
+    assert task.test.images.shape == (200, 3, _DATA_SIZE, _DATA_SIZE)
+    assert task.train.labels.dtype == torch.int64 and task.num_classes == 10
+    assert torch.bincount(task.train.labels).tolist() == [50] * 10
+    assert torch.bincount(task.test.labels).tolist() == [20] * 10
+    again = data.build("synthetic", img_size=_DATA_SIZE)
+    assert torch.equal(again.train.images, task.train.images) and torch.equal(again.test.images, task.test.images)
+    image, label = task.train[0]
+    assert image.shape == (3, _DATA_SIZE, _DATA_SIZE) and isinstance(label, int)
+    # classes differ in mean colour, so even a linear head on raw statistics separates them
+    means = torch.stack([task.train.images[task.train.labels == k].float().mean((0, 2, 3)) for k in range(10)])
+    assert torch.cdist(means, means).add(torch.eye(10) * 1e3).min() > 20
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_data_vtab_lists_give_images_and_labels(tmp_path, workers):
+    train, test = [(0, 3), (1, 0), (2, 9), (3, 3)], [(10, 1), (11, 7)]
+    _data_vtab(tmp_path, train, test)
+    task = data.build("eurosat", data_dir=str(tmp_path), img_size=_DATA_SIZE, workers=workers)
+    assert task.num_classes == 10 and isinstance(task.train, data.Preloaded)
+    assert task.train.images.shape == (4, 3, _DATA_SIZE, _DATA_SIZE)
+    for dataset, samples in ((task.train, train), (task.test, test)):
+        assert list(zip(_data_idents(dataset), _data_labels(dataset))) == samples
+    assert "eurosat" in task.description and "4 train" in task.description
+
+
+def test_data_dtd_lists_win_over_torchvision(tmp_path):
+    _data_vtab(tmp_path, [(0, 46), (1, 2)], [(2, 5)], task="dtd")
+    task = data.build("dtd", data_dir=str(tmp_path), img_size=_DATA_SIZE, workers=0)
+    assert task.num_classes == 47 and _data_labels(task.train) == [46, 2] and "VTAB-1k dtd" in task.description
+
+
+def test_data_dtd_torchvision_release_on_the_vtab_protocol(tmp_path):
+    classes = ["zigzagged", "banded", "meshed", "dotted", "lined"]  # created out of order
+    names, idents = _data_dtd_tree(tmp_path, classes, counts=(180, 50, 4))
+    task = data.build("dtd", data_dir=str(tmp_path), img_size=_DATA_SIZE, workers=2)
+    expected = _data_tfds_first(names["train"], "train", 800) + _data_tfds_first(names["val"], "validation", 200)
+    assert _data_idents(task.train) == [idents[name] for name in expected]
+    order = sorted(classes)  # torchvision's and TFDS's class indices
+    assert _data_labels(task.train) == [order.index(name.split("/")[0]) for name in expected]
+    assert set(_data_labels(task.train)) == set(range(5))  # the first 800 lines would miss a class
+    assert _data_idents(task.test) == [idents[name] for name in names["test"]]
+    assert _data_labels(task.test) == [order.index(name.split("/")[0]) for name in names["test"]]
+    assert task.num_classes == 5 and "1000 train" in task.description and "20 test" in task.description
+
+
+def test_data_dtd_download_failure_says_where_and_how(tmp_path, monkeypatch):
+    def no_network(*args, **kw):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)  # what torchvision's download goes through
+    message = _data_error("DTD not found", "dtd", data_dir=str(tmp_path))
+    url = torchvision.datasets.DTD._URL
+    assert url in message and "no network" in message
+    assert os.path.join(str(tmp_path), "dtd", "dtd", "images") in message
+    assert os.path.join(str(tmp_path), "dtd", os.path.basename(url)) in message
+
+
+def test_data_dtd_archive_placed_by_hand_needs_no_network(tmp_path, monkeypatch):
+    source = tmp_path / "source"
+    names, idents = _data_dtd_tree(source, ["banded", "woven"], counts=(3, 2, 2))
+    archive = tmp_path / "data" / "dtd" / os.path.basename(torchvision.datasets.DTD._URL)
+    os.makedirs(archive.parent)
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source / "dtd" / "dtd", arcname="dtd")  # the release unpacks to dtd/{images,labels,imdb}
+    monkeypatch.setattr(torchvision.datasets.DTD, "_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+
+    def no_network(*args, **kw):
+        raise AssertionError("tried the network")
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    task = data.build("dtd", data_dir=str(tmp_path / "data"), img_size=_DATA_SIZE, workers=0)
+    assert len(task.train) == 10 and _data_idents(task.test) == [idents[name] for name in names["test"]]
+
+
+@pytest.mark.parametrize("name", list(data.FGVC_TASKS))
+def test_data_fgvc_json_remaps_ids_and_finds_the_image_folder(tmp_path, name):
+    folder, subfolder, num_classes = data.FGVC_TASKS[name]
+    root = tmp_path / "fgvc" / folder
+    train = {"a/1.jpg": 17, "a/2.jpg": 5, "b/3.jpg": 9, "b/4.jpg": 17}
+    test = {"c/5.jpg": 9, "c/6.jpg": 5}
+    for ident, path in enumerate([*train, *test]):
+        _data_write_image(root / subfolder / path, ident)
+    (root / "train.json").write_text(json.dumps(train))
+    (root / "test.json").write_text(json.dumps(test))
+    task = data.build(name, data_dir=str(tmp_path), img_size=_DATA_SIZE, workers=0)
+    assert task.num_classes == num_classes and folder in task.description
+    assert _data_labels(task.train) == [2, 0, 1, 2] and _data_labels(task.test) == [1, 0]  # 5, 9, 17 -> 0, 1, 2
+    assert _data_idents(task.train) == [0, 1, 2, 3] and _data_idents(task.test) == [4, 5]
+    image = task.train[0][0]
+    assert image.dtype == torch.uint8 and image.shape == (3, _DATA_SIZE, _DATA_SIZE)
+    assert torch.equal(task.test[0][0], task.test[0][0])  # centre crop: deterministic
+
+
+def test_data_fgvc_augments_training_images(tmp_path):
+    root = tmp_path / "fgvc" / "StanfordCars"
+    os.makedirs(root)
+    Image.frombytes("L", (16, 12), bytes(range(192))).convert("RGB").save(root / "x.png")
+    (root / "train.json").write_text(json.dumps({"x.png": 1}))
+    (root / "test.json").write_text(json.dumps({"x.png": 1}))
+    task = data.build("cars", data_dir=str(tmp_path), img_size=_DATA_SIZE)
+    torch.manual_seed(0)
+    crops = {tuple(task.train[0][0].flatten().tolist()) for _ in range(20)}
+    assert len(crops) > 1  # random crops and flips
+
+
+def test_data_image_folder(tmp_path):
+    for split, ident in (("train", 0), ("val", 10)):
+        for k, cls in enumerate(["dog", "cat"]):
+            _data_write_image(tmp_path / "pets" / split / cls / f"{k}.jpg", ident + k)
+    task = data.build(str(tmp_path / "pets"), img_size=_DATA_SIZE, workers=0)
+    assert task.num_classes == 2 and "val" in task.description
+    assert _data_labels(task.train) == [0, 1] and _data_idents(task.train) == [1, 0]  # cat = 0, dog = 1
+    assert _data_labels(task.test) == [0, 1] and _data_idents(task.test) == [11, 10]
+    _data_write_image(tmp_path / "pets" / "test" / "cow" / "0.jpg", 20)  # test/ is preferred to val/
+    _data_error("cow has no counterpart", str(tmp_path / "pets"))
+    _data_error("needs train/ and test/", str(tmp_path / "nothing") + os.sep)
+
+
+def test_data_unknown_name_lists_the_choices():
+    message = _data_error("unknown dataset 'imagenet'", "imagenet")
+    assert all(choice in message for choice in ["synthetic", "cifar", "dsprites_ori", "cub", "cars", "path"])
+
+
+def test_data_missing_dataset_folders_say_what_was_expected(tmp_path):
+    message = _data_error("not found", "cifar", data_dir=str(tmp_path))
+    assert os.path.join(str(tmp_path), "vtab-1k", "cifar", "train800val200.txt") in message
+    assert "relative to the task folder" in message
+    message = _data_error("not found", "cub", data_dir=str(tmp_path))
+    assert os.path.join(str(tmp_path), "fgvc", "CUB_200_2011", "train.json") in message
+    os.makedirs(tmp_path / "dtd" / "dtd" / "images")  # a half-extracted release
+    _data_error(r"labels.train1\.txt not found", "dtd", data_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_data_missing_and_corrupt_images_are_named(tmp_path, workers):
+    folder = _data_vtab(tmp_path, [(0, 1), (1, 2)], [(2, 3)])
+    os.remove(folder / "images" / "test" / "000002.jpg")
+    message = _data_error("does not exist", "eurosat", data_dir=str(tmp_path), workers=workers)
+    assert os.path.join(str(folder), "images/test/000002.jpg") in message and str(folder / "test.txt") in message
+
+    _data_write_image(folder / "images" / "test" / "000002.jpg", 2)
+    (folder / "images" / "train800val200" / "000001.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    message = _data_error("cannot decode image", "eurosat", data_dir=str(tmp_path), workers=workers)
+    assert os.path.join(str(folder), "images/train800val200/000001.jpg") in message
+
+
+def test_data_broken_lists_are_reported(tmp_path):
+    folder = _data_vtab(tmp_path, [(0, 1)], [(1, 10)])
+    _data_error(r"test\.txt: label 10 is outside 0\.\.9", "eurosat", data_dir=str(tmp_path))
+    _data_write_list(folder / "test.txt", ["images/test/000001.jpg"])
+    _data_error(r"test\.txt, line 1: expected '<image path> <label>'", "eurosat", data_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_data_fgvc_corrupt_image_named_at_load_time(tmp_path, workers):
+    root = tmp_path / "fgvc" / "OxfordFlowers"
+    os.makedirs(root)
+    (root / "bad.jpg").write_bytes(b"garbage")
+    (root / "train.json").write_text(json.dumps({"bad.jpg": 3}))
+    (root / "test.json").write_text(json.dumps({"bad.jpg": 3}))
+    task = data.build("flowers", data_dir=str(tmp_path), img_size=_DATA_SIZE)
+    # in worker processes torch re-raises the same type, the original message on its last line
+    with pytest.raises(data.DataError, match="cannot decode image") as info:
+        next(iter(torch.utils.data.DataLoader(task.train, num_workers=workers)))
+    assert str(root / "bad.jpg") in str(info.value).splitlines()[-1]
+
+
+def test_data_transforms_match_the_official_torchvision_ones(tmp_path):
+    """VTAB: Resize((s, s)) bicubic on PIL images; FGVC test: Resize(s * 256/224) + CenterCrop(s) on PIL."""
+    from torchvision import transforms as v1
+    picture = Image.frombytes("RGB", (20, 15), bytes(range(256)) * 3 + bytes(132))
+    picture.save(tmp_path / "p.png")
+    _data_write_list(tmp_path / "vtab-1k" / "svhn" / "train800val200.txt", ["../../p.png 4"])
+    _data_write_list(tmp_path / "vtab-1k" / "svhn" / "test.txt", ["../../p.png 5"])
+    vtab = data.build("svhn", data_dir=str(tmp_path), img_size=_DATA_SIZE, workers=0)
+    official = v1.Compose([v1.Resize((_DATA_SIZE, _DATA_SIZE), interpolation=v1.InterpolationMode.BICUBIC),
+                           v1.PILToTensor()])
+    assert torch.equal(vtab.train[0][0], official(picture))
+    os.makedirs(tmp_path / "fgvc" / "StanfordCars")
+    picture.save(tmp_path / "fgvc" / "StanfordCars" / "p.png")
+    for split in ("train", "test"):
+        (tmp_path / "fgvc" / "StanfordCars" / f"{split}.json").write_text(json.dumps({"p.png": 1}))
+    fgvc = data.build("cars", data_dir=str(tmp_path), img_size=_DATA_SIZE)
+    official = v1.Compose([v1.Resize(round(_DATA_SIZE * 256 / 224)), v1.CenterCrop(_DATA_SIZE), v1.PILToTensor()])
+    assert torch.equal(fgvc.test[0][0], official(picture))

@@ -1,0 +1,223 @@
+"""Swin Transformer (Liu et al., 2021) from scratch, with optional ARC adapters (arc.py).
+
+    model = swin_b(num_classes=47, arc="arc")           # or arc="arc_att", or arc=None (plain Swin)
+    load_pretrained(model, "swin_base_patch4_window7_224_22k.pth")   # Microsoft .pth or timm state dict
+    logits = model(images)                              # images: (B, 3, 224, 224), ImageNet mean/std
+
+Parameter names follow Microsoft's release (layers.{s}.blocks.{j}.attn.qkv, layers.{s}.downsample at
+the end of stages 0-2, head), so its .pth files load as they are; timm >= 0.9 state dicts are renamed
+on loading. The relative position index and shifted-window mask are rebuilt, never read from a file.
+
+ARC shares its projections per stage, since stage widths differ: layers.{s}.down_proj_att/_ffn (W),
+and blocks.{j}.adapter_{att,ffn} (c, b). Both adapters transform a LayerNorm output, so
+arc.reparameterize(model) folds them into attn.qkv and mlp.fc1 as for the ViT. The official ARC
+Swin code instead puts the FFN adapter on the residual stream before norm2, where it cannot be folded.
+"""
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from arc import ARCAdapter, SharedProjection, load_backbone, read_state_dict
+
+URLS = {  # the ImageNet-22k checkpoints (Microsoft's model zoo, github.com/microsoft/Swin-Transformer)
+    "swin_t": "https://github.com/SwinTransformer/storage/releases/download/v1.0.8/swin_tiny_patch4_window7_224_22k.pth",
+    "swin_s": "https://github.com/SwinTransformer/storage/releases/download/v1.0.8/swin_small_patch4_window7_224_22k.pth",
+    "swin_b": "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_base_patch4_window7_224_22k.pth",
+    "swin_l": "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_large_patch4_window7_224_22k.pth",
+}
+
+
+def to_windows(x, window):
+    """(B, H, W, C) -> (B * num_windows, window * window, C), windows in row-major order per image."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // window, window, W // window, window, C).transpose(2, 3)
+    return x.reshape(-1, window * window, C)
+
+
+def from_windows(x, window, H, W):
+    """The inverse of to_windows: (B * num_windows, window * window, C) -> (B, H, W, C)."""
+    x = x.view(-1, H // window, W // window, window, window, x.shape[-1]).transpose(2, 3)
+    return x.reshape(-1, H, W, x.shape[-1])
+
+
+def relative_position_index(window):
+    """(N, N) index into the ((2w-1)^2, heads) bias table for each pair of tokens in a window, N = w*w."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    delta = coords[:, :, None] - coords[:, None, :] + window - 1  # (2, N, N), each in [0, 2w-2]
+    return delta[0] * (2 * window - 1) + delta[1]
+
+
+def shift_mask(resolution, window, shift):
+    """(num_windows, N, N): -100 between tokens that the cyclic shift brought together from different
+    regions of the image (they are not neighbours), 0 elsewhere. Microsoft's value and regions."""
+    band = torch.zeros(resolution, dtype=torch.long)  # per axis: untouched, last window, wrapped around
+    band[-window:] = 1
+    band[-shift:] = 2
+    region = (band[:, None] * 3 + band[None, :])[None, :, :, None]
+    region = to_windows(region, window).squeeze(-1)  # (num_windows, N)
+    return (region[:, :, None] != region[:, None, :]).float() * -100.0
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside each window, with a learned relative position bias."""
+
+    def __init__(self, dim, heads, window):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)  # q, k and v in one matmul; ARC folds into it as one
+        self.proj = nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
+
+    def forward(self, x, mask=None):
+        """x: (B * num_windows, N, C); mask: None or (num_windows, N, N), added to the logits."""
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)  # (heads, N, N)
+        if mask is not None:  # windows are image-major in x, so the per-window mask repeats per image
+            bias = (bias + mask[:, None]).repeat(B // len(mask), 1, 1, 1)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """x = x + W-MSA(A_att(LN1(x))); x = x + FFN(A_ffn(LN2(x))), the attention over (shifted) windows.
+
+    The attention adapter acts on the normed tokens before the window partition: it is token-wise, so
+    the order does not matter, and it stays right in front of qkv for folding.
+    """
+
+    def __init__(self, dim, heads, resolution, window, shift, down_proj_att=None, down_proj_ffn=None,
+                 adapter_dropout=0.1):
+        super().__init__()
+        self.resolution, self.window, self.shift = resolution, window, shift
+        self.norm1, self.attn = nn.LayerNorm(dim), WindowAttention(dim, heads, window)
+        self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, 4 * dim)
+        self.adapter_att = self.adapter_ffn = nn.Identity()
+        if down_proj_att is not None:
+            self.adapter_att = ARCAdapter(down_proj_att, self.attn.qkv, adapter_dropout, identity_init=True)
+        if down_proj_ffn is not None:
+            self.adapter_ffn = ARCAdapter(down_proj_ffn, self.mlp.fc1, adapter_dropout)
+        self.register_buffer("attn_mask", shift_mask(resolution, window, shift) if shift else None,
+                             persistent=False)
+
+    def forward(self, x):  # x: (B, H * W, C)
+        B, L, C = x.shape
+        H = W = self.resolution
+        h = self.adapter_att(self.norm1(x)).view(B, H, W, C)
+        if self.shift:
+            h = torch.roll(h, (-self.shift, -self.shift), dims=(1, 2))
+        h = from_windows(self.attn(to_windows(h, self.window), self.attn_mask), self.window, H, W)
+        if self.shift:
+            h = torch.roll(h, (self.shift, self.shift), dims=(1, 2))
+        x = x + h.reshape(B, L, C)
+        return x + self.mlp(self.adapter_ffn(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    """Each 2x2 group of tokens -> one token: (B, H*W, C) -> (B, H*W/4, 2C)."""
+
+    def __init__(self, dim, resolution):
+        super().__init__()
+        self.resolution = resolution
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x):
+        B, L, C = x.shape
+        x = x.view(B, self.resolution, self.resolution, C)
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x.view(B, L // 4, 4 * C)))
+
+
+class Stage(nn.Module):
+    """Blocks at one resolution, alternating plain and shifted windows, then (but last) a patch merging.
+    Under ARC it owns the stage's shared projections."""
+
+    def __init__(self, dim, depth, heads, resolution, window, downsample, arc, rank, adapter_dropout):
+        super().__init__()
+        shift = window // 2
+        if resolution <= window:  # Microsoft's rule: one window covers the map, nothing to shift
+            window, shift = resolution, 0
+        if arc:
+            self.down_proj_att = SharedProjection(dim, rank)
+        if arc == "arc":
+            self.down_proj_ffn = SharedProjection(dim, rank)
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, resolution, window, shift if j % 2 else 0, getattr(self, "down_proj_att", None),
+                  getattr(self, "down_proj_ffn", None), adapter_dropout) for j in range(depth))
+        self.downsample = PatchMerging(dim, resolution) if downsample else nn.Identity()
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.downsample(x)
+
+
+class SwinTransformer(nn.Module):
+    def __init__(self, dim, depths, heads, window=7, patch_size=4, num_classes=1000, img_size=224,
+                 arc=None, rank=50, adapter_dropout=0.1):
+        super().__init__()
+        if arc not in (None, "arc", "arc_att"):
+            raise ValueError(f"arc must be None, 'arc' or 'arc_att', not {arc!r}")
+        stride = patch_size * 2 ** (len(depths) - 1)  # each patch merging halves the map
+        if img_size % stride:
+            raise ValueError(f"img_size {img_size} is not a multiple of {stride} (patch {patch_size}, "
+                             f"{len(depths) - 1} patch mergings)")
+        resolutions = [img_size // patch_size // 2 ** s for s in range(len(depths))]
+        for s, res in enumerate(resolutions):
+            if res > window and res % window:
+                raise ValueError(f"img_size {img_size} gives a {res}x{res} map in stage {s}, which does not "
+                                 f"split into {window}x{window} windows (window 7 needs a multiple of 224)")
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, dim, patch_size, patch_size)
+        self.patch_embed.norm = nn.LayerNorm(dim)
+        self.layers = nn.ModuleList(
+            Stage(dim * 2 ** s, depth, heads[s], resolutions[s], window, s < len(depths) - 1, arc, rank,
+                  adapter_dropout) for s, depth in enumerate(depths))
+        self.norm = nn.LayerNorm(dim * 2 ** (len(depths) - 1))
+        self.head = nn.Linear(dim * 2 ** (len(depths) - 1), num_classes)
+        nn.init.zeros_(self.head.weight)  # as the official recipe: the new task starts from zero logits
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, images):
+        x = self.patch_embed.norm(self.patch_embed.proj(images).flatten(2).transpose(1, 2))
+        for stage in self.layers:
+            x = stage(x)
+        return self.head(self.norm(x).mean(dim=1))
+
+
+def swin_t(**kw): return SwinTransformer(96, (2, 2, 6, 2), (3, 6, 12, 24), **kw)
+def swin_s(**kw): return SwinTransformer(96, (2, 2, 18, 2), (3, 6, 12, 24), **kw)
+def swin_b(**kw): return SwinTransformer(128, (2, 2, 18, 2), (4, 8, 16, 32), **kw)
+def swin_l(**kw): return SwinTransformer(192, (2, 2, 18, 2), (6, 12, 24, 48), **kw)
+
+
+def load_pretrained(model, path):
+    """Load a Microsoft Swin .pth or a timm (>= 0.9) Swin state dict into `model` (ARC or plain)."""
+    sd = read_state_dict(path)
+    # Microsoft merges patches at the end of a stage, so its stage 0 always has a downsample; timm
+    # merges at the start of the next one, so its stage 0 never does (timm's own test). The head
+    # cannot tell them apart: headless files have none.
+    timm_layout = "layers.0.downsample.reduction.weight" not in sd
+    renamed = {}
+    for key, value in sd.items():
+        if key.endswith(("relative_position_index", "attn_mask")):
+            continue  # derived from the window size: rebuilt by the model, never trusted from a file
+        if timm_layout:
+            key = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m[1]) - 1}.downsample.", key)
+            key = re.sub(r"^head\.fc\.", "head.", key)
+        renamed[key] = value
+    return load_backbone(model, renamed, path)
