@@ -25,6 +25,9 @@ Use: give each block ARCAdapter(shared, feeds=<the nn.Linear its output feeds>) 
 that linear, with one SharedProjection per position owned by the model (see vit.py); then
 mark_trainable(model), train, reparameterize(model).
 """
+import pickle
+import warnings
+
 import torch
 import torch.nn as nn
 
@@ -69,11 +72,6 @@ class ARCAdapter(nn.Module):
         W = self.down_proj
         return h + self.dropout((h @ W) * self.scale) @ W.T + self.bias
 
-    def matrix(self):
-        """M_l = I + W diag(c_l) W^T, so that A_l(h) = h M_l + b_l in eval mode."""
-        W = self.down_proj
-        return torch.eye(W.shape[0], dtype=W.dtype, device=W.device) + (W * self.scale) @ W.T
-
 
 def is_arc(module):
     return isinstance(module, (SharedProjection, ARCAdapter))
@@ -81,13 +79,16 @@ def is_arc(module):
 
 @torch.no_grad()
 def fold(adapter, linear):
-    """Fold `adapter` into the nn.Linear that follows it, in place: Wt' = Wt M_l, beta' = beta + Wt b_l."""
-    weight = linear.weight.double()
-    matrix, bias = adapter.matrix().double(), adapter.bias.double()
+    """Fold `adapter` into the nn.Linear that follows it, in place: Wt' = Wt M_l, beta' = beta + Wt b_l.
+
+    Computed in float64 as Wt M_l = Wt + ((Wt W) diag(c_l)) W^T, which never forms the d x d matrix M_l.
+    """
+    weight, W = linear.weight.double(), adapter.down_proj.double()
+    scale, bias = adapter.scale.double(), adapter.bias.double()
     new_bias = weight @ bias if linear.bias is None else linear.bias.double() + weight @ bias
     if linear.bias is None:
         linear.bias = nn.Parameter(torch.empty_like(linear.weight[:, 0]))
-    linear.weight.copy_(weight @ matrix)
+    linear.weight.copy_(weight + ((weight @ W) * scale) @ W.T)
     linear.bias.copy_(new_bias)
 
 
@@ -143,11 +144,17 @@ def read_state_dict(path):
     """The state dict in a torch checkpoint file (.pth/.bin/.pt), also when nested under 'model' or
     'state_dict' (Microsoft's and many training scripts' layout)."""
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about the pickle protocol of files it then refuses
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
-    except Exception as e:  # a truncated download, a pickle of something else, a text file
-        raise CheckpointError(f"{path}: unreadable as a torch checkpoint ({type(e).__name__}: {e})") from None
+    except pickle.UnpicklingError:  # a text file, a plain pickle, a whole model saved with torch.save(model)
+        raise CheckpointError(f"{path}: unreadable as a torch state dict (save model.state_dict() with "
+                              f"torch.save, not the model object)") from None
+    except Exception as e:  # a truncated download, a folder, ...
+        raise CheckpointError(f"{path}: unreadable as a torch checkpoint ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())})") from None
     for key in ("model", "state_dict"):
         sd = sd.get(key, sd) if isinstance(sd, dict) else sd
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):

@@ -3,14 +3,21 @@
 Tiny model configs test behaviour; full-size configs appear only where size matters (parameter
 counts against the paper, checkpoint shapes). Nothing here needs a GPU or the network.
 """
+import contextlib
 import copy
 import hashlib
 import json
 import os
+import pickle
 import re
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 import urllib.error
 import urllib.request
+import warnings
 
 import numpy as np
 import pytest
@@ -21,6 +28,7 @@ from PIL import Image
 import arc
 import data
 import swin
+import train
 import vit
 
 
@@ -167,14 +175,21 @@ def assert_loaded_like_google(model, arrays):
         assert torch.equal(model.norm.bias, t("Transformer/encoder_norm/bias"))
 
 
-def test_full_size_google_npz_loads_into_vit_b16(tmp_path, capsys):
-    # Every name and shape of the published imagenet21k/ViT-B_16.npz, pre_logits and 21843-class head included.
-    arrays = write_google_npz(tmp_path / "ViT-B_16.npz", 768, 12, 12, 3072, 16, 21843, 14)
+@pytest.fixture(scope="session")
+def vit_b16_npz(tmp_path_factory):
+    """Every name and shape of the published imagenet21k/ViT-B_16.npz, pre_logits and 21843-class head included."""
+    path = tmp_path_factory.mktemp("weights") / "ViT-B_16.npz"
+    arrays = write_google_npz(path, 768, 12, 12, 3072, 16, 21843, 14)
     assert arrays["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"].shape == (768, 12, 64)
-    model = vit.load_pretrained(vit.vit_b16(num_classes=47, arc="arc"), tmp_path / "ViT-B_16.npz")
+    return path, arrays
+
+
+def test_full_size_google_npz_loads_into_vit_b16(vit_b16_npz, capsys):
+    path, arrays = vit_b16_npz
+    model = vit.load_pretrained(vit.vit_b16(num_classes=47, arc="arc"), path)
     assert_loaded_like_google(model, arrays)
     assert torch.all(model.head.weight == 0) and "head not loaded" in capsys.readouterr().out
-    model = vit.load_pretrained(vit.vit_b16(num_classes=21843), tmp_path / "ViT-B_16.npz")
+    model = vit.load_pretrained(vit.vit_b16(num_classes=21843), path)
     assert torch.equal(model.head.weight, torch.from_numpy(arrays["head/kernel"]).T)
 
 
@@ -643,3 +658,549 @@ def test_data_transforms_match_the_official_torchvision_ones(tmp_path):
     fgvc = data.build("cars", data_dir=str(tmp_path), img_size=_DATA_SIZE)
     official = v1.Compose([v1.Resize(round(_DATA_SIZE * 256 / 224)), v1.CenterCrop(_DATA_SIZE), v1.PILToTensor()])
     assert torch.equal(fgvc.test[0][0], official(picture))
+
+
+# ---------------------------------------------------------------------------------------------------
+# train.py: learning, the DTD run end to end, checkpoints, interruption, several processes
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY_RUN = ["--data", "synthetic", "--model", "vit_t16", "--weights", "none", "--img-size", "16", "--workers", "0",
+            "--warmup-epochs", "1", "--epochs", "2", "--eval-every", "1"]
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread for a while: on a shared or busy CPU, two spinning threads make these tiny runs
+    ten times slower, one thread never does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_train(*args):
+    """train.main in this process; the exit code (0 when it returned)."""
+    try:
+        with one_thread():
+            train.main([str(a) for a in args])
+        return 0
+    except SystemExit as e:
+        return e.code
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def trained(path):
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "synthetic"
+    assert run_train(*TINY_RUN, "--out", out) == 0
+    return out
+
+
+def test_a_synthetic_run_learns_and_folds(synthetic_run, capsys):
+    history = metrics(synthetic_run)
+    assert [m["epoch"] for m in history] == [1, 2]
+    assert history[-1]["loss"] < history[0]["loss"] / 3
+    assert history[-1]["test_acc"] > 60  # 10 classes: chance is 10%
+    assert os.path.getsize(synthetic_run / "adapters.pth") < 200_000
+
+
+def test_the_same_seed_gives_the_same_loss_curve(synthetic_run, tmp_path):
+    assert run_train(*TINY_RUN, "--out", tmp_path / "again") == 0
+    assert [m["loss"] for m in metrics(tmp_path / "again")] == [m["loss"] for m in metrics(synthetic_run)]
+
+
+def test_saved_checkpoints_reproduce_the_accuracy(synthetic_run, capsys):
+    accuracy = metrics(synthetic_run)[-1]["test_acc"]
+    for name in ("adapters.pth", "folded.pth"):
+        assert run_train("--eval-only", "--checkpoint", synthetic_run / name, "--workers", "0") == 0
+        assert f"test accuracy {accuracy:.2f}%" in capsys.readouterr().out
+    plain = vit.vit_t16(num_classes=10, img_size=16)
+    plain.load_state_dict(trained(synthetic_run / "folded.pth"), strict=True)  # the folded model is a plain ViT
+    adapters = trained(synthetic_run / "adapters.pth")
+    assert any(".adapter_ffn." in k for k in adapters) and "head.weight" in adapters
+    assert not any(k.startswith(("blocks.0.attn", "patch_embed")) for k in adapters)
+
+
+def test_dtd_end_to_end_with_auto_weights(tmp_path, monkeypatch, vit_b16_npz, capsys):
+    classes = [f"texture{i}" for i in range(3)]
+    _data_dtd_tree(tmp_path / "data", classes, (6, 3, 4))
+    hub = tmp_path / "torch_home"
+    (hub / "hub" / "checkpoints").mkdir(parents=True)
+    os.symlink(vit_b16_npz[0], hub / "hub" / "checkpoints" / "ViT-B_16.npz")  # where --weights auto looks
+    monkeypatch.setenv("TORCH_HOME", str(hub))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
+    out = tmp_path / "run"
+    assert run_train("--data", "dtd", "--data-dir", tmp_path / "data", "--img-size", "32", "--epochs", "1",
+                     "--warmup-epochs", "0", "--batch-size", "16", "--workers", "0", "--out", out) == 0
+    printed = capsys.readouterr().out
+    assert "27 train" in printed and "12 test images, 3 classes" in printed
+    assert "vit_b16 arc: 98,739 trainable parameters" in printed  # 2*(768*50) + 12*2*(50+768) + 768*3+3
+    assert "(they agree)" in printed and "best over evaluated epochs" in printed
+    assert len(metrics(out)) == 1 and os.path.getsize(out / "adapters.pth") < 1_000_000
+    plain = vit.vit_b16(num_classes=3, img_size=32)
+    plain.load_state_dict(trained(out / "folded.pth"), strict=True)
+
+
+def test_missing_weights_and_data_fail_with_one_clear_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+    def offline(url, dst, **kw):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    assert run_train("--data", "synthetic", "--img-size", "32", "--out", tmp_path / "run") == 1
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "ViT-B_16.npz" in error and vit.URLS["vit_b16"] in error
+    assert str(tmp_path / "torch_home" / "hub" / "checkpoints") in error and "--weights PATH" in error
+    assert not (tmp_path / "run").exists()
+
+    monkeypatch.setattr(torchvision.datasets.utils, "urlopen", offline, raising=False)
+    monkeypatch.setattr(torchvision.datasets.DTD, "_download", lambda self: offline(None, None))
+    result = subprocess.run([sys.executable, "train.py", "--data", "cifar", "--data-dir", str(tmp_path / "none"),
+                             "--weights", "none", "--model", "vit_t16"], cwd=HERE, capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert str(tmp_path / "none" / "vtab-1k" / "cifar") in result.stderr
+
+
+def stop_at_call(n):
+    """A StopFlag.is_set that acts as if Ctrl-C came during the n-th training step."""
+    calls = []
+
+    def is_set(self, control_group):
+        calls.append(1)
+        if len(calls) == n:
+            self.signum = signal.SIGINT
+        return bool(self.signum)
+    return is_set
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(synthetic_run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "cut"
+    with monkeypatch.context() as patch:
+        # 16 steps an epoch, each asking the flag, and one more question at the end of the epoch
+        patch.setattr(train.StopFlag, "is_set", stop_at_call(17 + 5))
+        assert run_train(*TINY_RUN, "--out", out) == 128 + signal.SIGINT
+    error = capsys.readouterr().err
+    assert "stopped by SIGINT after step 5 of epoch 2" in error and f"--resume {out}" in error
+    assert run_train(*TINY_RUN, "--out", out, "--resume", out) == 0
+    straight, resumed = trained(synthetic_run / "adapters.pth"), trained(out / "adapters.pth")
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert metrics(out)[-1]["loss"] == metrics(synthetic_run)[-1]["loss"]
+
+
+def test_sigterm_stops_saves_and_says_how_to_resume(synthetic_run, tmp_path):
+    out = tmp_path / "term"
+    process = subprocess.Popen([sys.executable, "train.py", *TINY_RUN, "--out", str(out)], cwd=HERE, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pth").exists() and time.time() < deadline:  # epoch 1 is done
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by SIGTERM" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    assert run_train(*TINY_RUN, "--out", out, "--resume", out) == 0
+    straight, resumed = trained(synthetic_run / "adapters.pth"), trained(out / "adapters.pth")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    step = train.train_step
+    calls = []
+
+    def diverging_step(*args):
+        calls.append(1)
+        loss = step(*args)
+        return loss * float("nan") if len(calls) == 16 + 7 else loss
+    monkeypatch.setattr(train, "train_step", diverging_step)
+    out = tmp_path / "nan"
+    assert run_train(*TINY_RUN, "--out", out) == 1
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "nan or infinite at epoch 2, step 7" in error
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 1  # end of epoch 1, untouched
+    assert len(metrics(out)) == 1 and not (out / "adapters.pth").exists()
+
+
+def test_two_processes_train_the_same_weights_as_one(tmp_path):
+    args = [*TINY_RUN, "--adapter-dropout", "0", "--eval-every", "2"]
+    assert run_train(*args, "--out", tmp_path / "one") == 0
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", *args, "--out", str(tmp_path / "two"), "--device", "cpu"],
+                            cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("epoch   2/2") == 1  # rank 0 alone logs
+    one, two = trained(tmp_path / "one" / "adapters.pth"), trained(tmp_path / "two" / "adapters.pth")
+    assert one.keys() == two.keys()
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-5), k
+    assert metrics(tmp_path / "two")[-1]["test_acc"] == metrics(tmp_path / "one")[-1]["test_acc"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# train.py on bad input: one clear line, no traceback, nothing overwritten
+
+
+# A complete run in a few seconds on a CPU: tiny images, synthetic data, a random ViT-T/16, one epoch.
+_ROBUST_ARGS = {"--data": "synthetic", "--model": "vit_t16", "--weights": "none", "--img-size": "32",
+                "--epochs": "1", "--warmup-epochs": "0", "--workers": "0"}
+_ROBUST_RUN_FILES = ("adapters.pth", "metrics.jsonl", "checkpoint.pth", "folded.pth")
+# warnings Python's command line does not show by default (outside __main__)
+_ROBUST_HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+def _robust_args(out=None, **options):
+    """train.py's argv: the quick run above with `options` changed (data_dir="x" -> --data-dir x; None
+    drops an option), and --out `out` when given."""
+    args = dict(_ROBUST_ARGS)
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is None:
+            args.pop(flag, None)
+        else:
+            args[flag] = str(value)
+    argv = [token for flag, value in args.items() for token in (flag, value)]
+    return argv + (["--out", str(out)] if out is not None else [])
+
+
+def _robust_run(args, capsys):
+    """train.main(args) in-process, as the command line would end: (exit status, non-empty stderr lines).
+
+    sys.exit("message") (argparse's errors here) is printed to stderr with status 1 by the interpreter,
+    and warnings are printed to stderr by the command line (pytest would record them instead): both are
+    added to the lines, so that they count as the user would see them."""
+    capsys.readouterr()  # drop what earlier steps printed
+    with warnings.catch_warnings(record=True) as caught, one_thread():
+        warnings.simplefilter("always")
+        try:
+            train.main(args)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    err = capsys.readouterr().err
+    shown = [w for w in caught if not issubclass(w.category, _ROBUST_HIDDEN_WARNINGS)]
+    err = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in shown) + err
+    if isinstance(code, str):
+        err, code = err + code + "\n", 1
+    return (0 if code is None else code), err.strip().splitlines()
+
+
+def _robust_assert_one_clear_line(code, lines, *facts):
+    """Refused (non-zero status) with exactly one line, no traceback, naming every one of `facts`."""
+    shown = "\n".join(lines)
+    assert code != 0, f"exit status 0 for a bad input; stderr:\n{shown}"
+    assert "Traceback" not in shown, f"a traceback on stderr:\n{shown}"
+    assert len(lines) == 1 and lines[0].strip(), f"expected exactly one line on stderr, got {len(lines)}:\n{shown}"
+    missing = [str(fact) for fact in facts if str(fact) not in lines[0]]
+    assert not missing, f"the message does not mention {missing}:\n{shown}"
+    return lines[0]
+
+
+def _robust_fails(args, capsys, *facts):
+    return _robust_assert_one_clear_line(*_robust_run(args, capsys), *facts)
+
+
+def _robust_cli(args, timeout=120):
+    """The real command line: (exit status, non-empty stderr lines)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see one_thread
+    result = subprocess.run([sys.executable, "train.py", *args], cwd=HERE, env=env, capture_output=True,
+                            text=True, timeout=timeout, check=False)
+    return result.returncode, result.stderr.strip().splitlines()
+
+
+def _robust_snapshot(folder):
+    """{file name: sha256 of its bytes} for every file in `folder`."""
+    snapshot = {}
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb") as f:
+            snapshot[name] = hashlib.sha256(f.read()).hexdigest()
+    return snapshot
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fixtures: weight files (good ones, and broken or foreign ones), and one finished run
+
+
+def _robust_google_npz(path, dim, depth, heads, mlp_dim, patch=16, grid=14, classes=21843):
+    """A ViT checkpoint in Google's .npz names and layouts (zeros: only names and shapes matter here)."""
+    zeros = lambda *shape: np.zeros(shape, np.float32)
+    head_dim = dim // heads
+    arrays = {"embedding/kernel": zeros(patch, patch, 3, dim), "embedding/bias": zeros(dim), "cls": zeros(1, 1, dim),
+              "Transformer/posembed_input/pos_embedding": zeros(1, 1 + grid * grid, dim),
+              "Transformer/encoder_norm/scale": zeros(dim), "Transformer/encoder_norm/bias": zeros(dim),
+              "head/kernel": zeros(dim, classes), "head/bias": zeros(classes)}
+    for i in range(depth):
+        block = f"Transformer/encoderblock_{i}/"
+        att = block + "MultiHeadDotProductAttention_1/"
+        for norm in ("LayerNorm_0", "LayerNorm_2"):
+            arrays[f"{block}{norm}/scale"], arrays[f"{block}{norm}/bias"] = zeros(dim), zeros(dim)
+        for name in ("query", "key", "value"):
+            arrays[f"{att}{name}/kernel"], arrays[f"{att}{name}/bias"] = zeros(dim, heads, head_dim), zeros(heads, head_dim)
+        arrays[f"{att}out/kernel"], arrays[f"{att}out/bias"] = zeros(heads, head_dim, dim), zeros(dim)
+        arrays[f"{block}MlpBlock_3/Dense_0/kernel"], arrays[f"{block}MlpBlock_3/Dense_0/bias"] = zeros(dim, mlp_dim), zeros(mlp_dim)
+        arrays[f"{block}MlpBlock_3/Dense_1/kernel"], arrays[f"{block}MlpBlock_3/Dense_1/bias"] = zeros(mlp_dim, dim), zeros(dim)
+    np.savez(path, **arrays)
+
+
+def _robust_first_bytes(source, target, fraction=0.5):
+    """`target`: the first part of `source`, as an interrupted download leaves it."""
+    with open(source, "rb") as f:
+        content = f.read()
+    with open(target, "wb") as f:
+        f.write(content[: int(len(content) * fraction)])
+    return target
+
+
+class _RobustNotAStateDict:
+    """Something torch.save pickles as an object: a weights_only load refuses it."""
+
+
+@pytest.fixture(scope="module")
+def _robust_weights(tmp_path_factory):
+    """{name: path} of weight files for --model vit_t16 (img 32): good ones, broken ones, foreign ones."""
+    folder = tmp_path_factory.mktemp("robust_weights")
+    paths = {name: folder / name for name in (
+        "vit_t16.pth", "vit_t16.npz", "vit_s16.pth", "vit_s16.npz", "swin_t.pth")}
+    torch.save(vit.vit_t16(img_size=32).state_dict(), paths["vit_t16.pth"])
+    _robust_google_npz(paths["vit_t16.npz"], dim=192, depth=12, heads=3, mlp_dim=768)
+    torch.save(vit.vit_s16().state_dict(), paths["vit_s16.pth"])
+    _robust_google_npz(paths["vit_s16.npz"], dim=384, depth=12, heads=6, mlp_dim=1536)
+    torch.save(swin.swin_t(img_size=224).state_dict(), paths["swin_t.pth"])
+    # the good files are good: what the broken ones are broken copies of, and the foreign ones load
+    # into their own architecture, so a refusal below is about the model, not the file format
+    for loader, model, name in ((vit.load_pretrained, vit.vit_t16(img_size=32), "vit_t16.pth"),
+                                (vit.load_pretrained, vit.vit_t16(img_size=32), "vit_t16.npz"),
+                                (vit.load_pretrained, vit.vit_s16(), "vit_s16.pth"),
+                                (vit.load_pretrained, vit.vit_s16(), "vit_s16.npz"),
+                                (swin.load_pretrained, swin.swin_t(img_size=224), "swin_t.pth")):
+        loader(model, paths[name])
+    paths["truncated.pth"] = _robust_first_bytes(paths["vit_t16.pth"], folder / "truncated.pth")
+    paths["truncated.npz"] = _robust_first_bytes(paths["vit_t16.npz"], folder / "truncated.npz")
+    paths["header_only.npz"] = _robust_first_bytes(paths["vit_t16.npz"], folder / "header_only.npz", 0.001)
+    paths["empty.pth"] = folder / "empty.pth"
+    paths["empty.pth"].write_bytes(b"")
+    for name in ("notes.pth", "notes.npz", "notes.txt"):
+        paths[name] = folder / name
+        paths[name].write_text("These are my notes, not a checkpoint.\nlr 1e-2, 100 epochs\n")
+    paths["whole_model.pth"] = folder / "whole_model.pth"  # torch.save(model) instead of its state_dict()
+    torch.save(_RobustNotAStateDict(), paths["whole_model.pth"])
+    paths["plain_pickle.pth"] = folder / "plain_pickle.pth"  # e.g. a .pkl of another framework's weights
+    with open(paths["plain_pickle.pth"], "wb") as f:
+        pickle.dump({"blocks.0.norm1.weight": [1.0, 2.0]}, f, protocol=4)
+    paths["list.pth"] = folder / "list.pth"  # a torch file, but no state dict
+    torch.save([torch.zeros(3)], paths["list.pth"])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def _robust_finished_run(_robust_weights, tmp_path_factory):
+    """A finished quick run, from the good vit_t16.npz (the control: the file the truncated ones are cut
+    from goes through train.py): (its --out folder, the snapshot of its files)."""
+    out = tmp_path_factory.mktemp("robust_run") / "run"
+    with one_thread():
+        train.main(_robust_args(out, weights=_robust_weights["vit_t16.npz"]))
+    for name in _ROBUST_RUN_FILES:
+        assert os.path.isfile(out / name), f"the quick run did not write {name}"
+    return out, _robust_snapshot(out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# --weights: missing, truncated, not a checkpoint, another model
+
+
+@pytest.mark.parametrize("name", ["missing.pth", "missing.npz"])
+def test_robust_missing_weights_file(tmp_path, capsys, name):
+    path = tmp_path / name
+    _robust_fails(_robust_args(tmp_path / "out", weights=path), capsys, "--weights", path)
+
+
+@pytest.mark.parametrize("name", ["truncated.pth", "truncated.npz", "header_only.npz", "empty.pth"])
+def test_robust_truncated_weights_file(_robust_weights, tmp_path, capsys, name):
+    path = _robust_weights[name]
+    _robust_fails(_robust_args(tmp_path / "out", weights=path), capsys, "--weights", path)
+
+
+@pytest.mark.parametrize("name", ["notes.pth", "notes.npz", "notes.txt", "whole_model.pth", "plain_pickle.pth",
+                                  "list.pth"])
+def test_robust_weights_file_that_is_not_a_checkpoint(_robust_weights, tmp_path, capsys, name):
+    path = _robust_weights[name]
+    _robust_fails(_robust_args(tmp_path / "out", weights=path), capsys, "--weights", path)
+
+
+@pytest.mark.parametrize("name", ["swin_t.pth", "vit_s16.pth", "vit_s16.npz"])
+def test_robust_weights_of_another_model_into_vit_t16(_robust_weights, tmp_path, capsys, name):
+    path = _robust_weights[name]
+    _robust_fails(_robust_args(tmp_path / "out", weights=path), capsys, "--weights", path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# --data: unknown names, missing folders, missing and corrupt images
+
+
+def _robust_image(path, colour=(200, 40, 40)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", (8, 8), colour).save(path)
+
+
+def _robust_vtab(data_dir, train_images, test_images, task="eurosat"):
+    """A VTAB-1k task in NOAH's layout: images/<split>/<name> for each name given, the lists name them all
+    (label = index % 10); names that start with 'missing' are listed but not written, names that start
+    with 'corrupt' get garbage bytes. Returns the task folder."""
+    folder = os.path.join(data_dir, "vtab-1k", task)
+    for split, names in (("train800val200", train_images), ("test", test_images)):
+        lines = []
+        for i, name in enumerate(names):
+            relative = f"images/{split}/{name}"
+            path = os.path.join(folder, relative)
+            if name.startswith("corrupt"):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(b"\x00garbage, not a JPEG\xff" * 8)
+            elif not name.startswith("missing"):
+                _robust_image(path, (20 * i % 256, 100, 150))
+            lines.append(f"{relative} {i % 10}")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"{split}.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return folder
+
+
+_ROBUST_GOOD = [f"{i:06d}.jpg" for i in range(4)]
+
+
+def test_robust_unknown_data_name_lists_the_choices(tmp_path, capsys):
+    _robust_fails(_robust_args(tmp_path / "out", data="eurosatt"), capsys,
+                  "eurosatt", "synthetic", "eurosat", "dtd", "cub", "train/")
+
+
+def test_robust_missing_vtab_dataset_folder(tmp_path, capsys):
+    data_dir = tmp_path / "data"  # nothing under it
+    _robust_fails(_robust_args(tmp_path / "out", data="eurosat", data_dir=data_dir), capsys,
+                  os.path.join(str(data_dir), "vtab-1k", "eurosat"))
+
+
+def test_robust_missing_image_folder_dataset(tmp_path, capsys):
+    path = tmp_path / "my_images"  # does not exist
+    _robust_fails(_robust_args(tmp_path / "out", data=path), capsys, path)
+
+
+def test_robust_list_file_naming_a_missing_image(tmp_path, capsys):
+    data_dir = tmp_path / "data"
+    _robust_vtab(data_dir, _ROBUST_GOOD + ["missing_000123.jpg"], _ROBUST_GOOD)
+    _robust_fails(_robust_args(tmp_path / "out", data="eurosat", data_dir=data_dir), capsys,
+                  "missing_000123.jpg", "train800val200.txt")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_robust_corrupt_image_in_a_vtab_list_is_named(tmp_path, capsys, workers):
+    data_dir = tmp_path / "data"
+    folder = _robust_vtab(data_dir, _ROBUST_GOOD, _ROBUST_GOOD + ["corrupt_000007.jpg"])
+    _robust_fails(_robust_args(tmp_path / "out", data="eurosat", data_dir=data_dir, workers=workers), capsys,
+                  os.path.join(folder, "images", "test", "corrupt_000007.jpg"))
+
+
+def test_robust_corrupt_image_in_an_image_folder_is_named(tmp_path, capsys):
+    root = tmp_path / "my_images"
+    for split in ("train", "test"):
+        for label in ("cat", "dog"):
+            _robust_image(root / split / label / "a.jpg")
+    (root / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a JPEG" * 4)
+    _robust_fails(_robust_args(tmp_path / "out", data=root), capsys, root / "train" / "dog" / "broken.jpg")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Invalid numbers
+
+
+@pytest.mark.parametrize("option, value", [("rank", 0), ("rank", -3), ("batch_size", 0), ("lr", -0.1)])
+def test_robust_invalid_numbers(tmp_path, capsys, option, value):
+    _robust_fails(_robust_args(tmp_path / "out", **{option: value}), capsys,
+                  "--" + option.replace("_", "-"), value)
+
+
+def test_robust_img_size_not_a_multiple_of_the_patch_size(tmp_path, capsys):
+    # vit_t16 cuts 16x16 patches: 40 is refused, naming the option, the value and the patch size
+    _robust_fails(_robust_args(tmp_path / "out", img_size=40), capsys, "--img-size", "40", "16")
+
+
+# ---------------------------------------------------------------------------------------------------
+# --resume of another run; nothing an earlier good run wrote is ever overwritten
+
+
+@pytest.mark.parametrize("option, value, there", [("model", "vit_s16", "vit_t16"), ("method", "linear", "arc"),
+                                                  ("method", "arc_att", "arc")])
+def test_robust_resume_from_another_model_or_method(_robust_finished_run, capsys, option, value, there):
+    out, snapshot = _robust_finished_run
+    _robust_fails(_robust_args(resume=out, **{option: value}), capsys, "--resume", out, f"--{option}", value, there)
+    assert _robust_snapshot(out) == snapshot
+
+
+def test_robust_resume_from_a_folder_without_a_run(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    _robust_fails(_robust_args(resume=tmp_path / "empty"), capsys, "--resume", tmp_path / "empty")
+
+
+_ROBUST_BAD_INTO_A_RUN = {  # case -> (out, weight files) -> a command with the finished run's --out
+    "a fresh run (no --resume)": lambda out, w: _robust_args(out),
+    "a fresh run of another model": lambda out, w: _robust_args(out, model="vit_s16"),
+    "a truncated --weights": lambda out, w: _robust_args(out, weights=w["truncated.npz"]),
+    "--weights of another model": lambda out, w: _robust_args(out, weights=w["swin_t.pth"]),
+    "an unknown --data": lambda out, w: _robust_args(out, data="nope"),
+    "--rank 0": lambda out, w: _robust_args(out, rank=0),
+    "--img-size 40": lambda out, w: _robust_args(out, img_size=40),
+    "--resume with another --method": lambda out, w: _robust_args(resume=out, method="linear"),
+    "--resume with a truncated --weights": lambda out, w: _robust_args(resume=out, weights=w["truncated.npz"]),
+}
+
+
+@pytest.mark.parametrize("case", list(_ROBUST_BAD_INTO_A_RUN))
+def test_robust_bad_input_never_overwrites_a_finished_run(_robust_finished_run, _robust_weights, capsys, case):
+    out, snapshot = _robust_finished_run
+    code, lines = _robust_run(_ROBUST_BAD_INTO_A_RUN[case](out, _robust_weights), capsys)
+    assert code != 0, f"{case}: accepted, exit status 0"
+    assert _robust_snapshot(out) == snapshot, f"{case}: changed the files of the finished run in {out}"
+    _robust_assert_one_clear_line(code, lines)
+
+
+def test_robust_fresh_run_into_a_finished_run_says_how_to_continue(_robust_finished_run, capsys):
+    out, snapshot = _robust_finished_run
+    _robust_fails(_robust_args(out), capsys, out, "--resume", "--out")
+    assert _robust_snapshot(out) == snapshot
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real command line
+
+
+def test_robust_cli_unknown_data(tmp_path):
+    code, lines = _robust_cli(_robust_args(tmp_path / "out", data="no_such_task"))
+    _robust_assert_one_clear_line(code, lines, "no_such_task", "synthetic", "eurosat", "cub")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_robust_cli_truncated_weights(_robust_weights, tmp_path):
+    path = _robust_weights["truncated.npz"]
+    code, lines = _robust_cli(_robust_args(tmp_path / "out", weights=path))
+    _robust_assert_one_clear_line(code, lines, "--weights", path)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_robust_cli_invalid_number(tmp_path):
+    code, lines = _robust_cli(_robust_args(tmp_path / "out", batch_size=0))
+    assert code == 1
+    _robust_assert_one_clear_line(code, lines, "--batch-size", "0")
+
+
+def test_robust_cli_text_file_as_weights(_robust_weights, tmp_path):
+    path = _robust_weights["notes.pth"]
+    code, lines = _robust_cli(_robust_args(tmp_path / "out", weights=path))
+    _robust_assert_one_clear_line(code, lines, "--weights", path)

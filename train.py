@@ -95,7 +95,7 @@ def build_model(config, num_classes):
         return MODELS[config["model"]](num_classes=num_classes, img_size=config["img_size"], arc=adapters,
                                        rank=config["rank"], adapter_dropout=config["adapter_dropout"])
     except ValueError as e:
-        raise UserError(f"{config['model']}: {e}") from None
+        raise UserError(f"--img-size {config['img_size']} does not suit --model {config['model']}: {e}") from None
 
 
 def weights_path(weights, model_name, is_main):
@@ -301,12 +301,17 @@ def train(args):
         changed = [k for k in RUN_ARGS if resume["config"].get(k) != config[k]]
         if changed:
             raise UserError(f"--resume {resume_path} comes from another run: " + ", ".join(
-                f"--{k.replace('_', '-')} {resume['config'].get(k)} there, {config[k]} here" for k in changed))
+                f"--{k.replace('_', '-')} {resume['config'].get(k)} there, {config[k]} here" for k in changed)
+                + "; give the same options, or start a new run with another --out")
         args.out = os.path.dirname(resume_path)
-    elif os.path.exists(os.path.join(args.out, "checkpoint.pth")):
+    elif any(os.path.exists(os.path.join(args.out, f)) for f in ("checkpoint.pth", "metrics.jsonl", "adapters.pth")):
         raise UserError(f"{args.out} already holds a run: continue it with --resume {args.out}, or pass another --out")
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} must divide evenly over {world} processes")
+    with torch.device("meta"):  # check the options against the model now, not after decoding the dataset
+        build_model(config, num_classes=1)
+    if args.weights not in ("auto", "none") and not os.path.isfile(args.weights):
+        raise UserError(f"--weights {args.weights}: no such file")
 
     torch.manual_seed(args.seed)
     task = data.build(args.data, args.data_dir, args.img_size, args.workers)
@@ -336,19 +341,20 @@ def train(args):
     log(f"{task.description}\n{args.model} {args.method}: {trainable:,} trainable parameters; {world} process(es) "
         f"on {device}{', bf16 autocast' if device.type == 'cuda' else ''}; output in {args.out}")
 
-    def checkpoint(epoch, step):
+    def checkpoint(epoch, step, loss_sum=0.0):
         if is_main:
             save_atomic({"config": config, "trained": trained_tensors(model), "optimizer": optimizer.state_dict(),
                          "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch, "step": step,
-                         "best": best, "elapsed": elapsed}, os.path.join(args.out, "checkpoint.pth"))
+                         "loss_sum": loss_sum, "best": best, "elapsed": elapsed}, os.path.join(args.out, "checkpoint.pth"))
 
     with StopFlag() as stop:
         for epoch in range(start_epoch, args.epochs):
             t0 = time.time()
-            loss_sum, nonfinite_at = torch.zeros((), device=device), torch.full((), -1, device=device)
+            done = start_step if epoch == start_epoch else 0
+            loss_sum = torch.full((), resume["loss_sum"] if resume and done and is_main else 0.0, device=device)
+            nonfinite_at = torch.full((), -1, device=device)
             batches = epoch_batches(len(train_batches), args.batch_size, args.seed, epoch, rank, world)
             sizes = [min(args.batch_size, len(train_batches) - i * args.batch_size) for i in range(len(batches))]
-            done = start_step if epoch == start_epoch else 0
             for step, (images, labels) in enumerate(train_batches(batches[done:], seed=args.seed + epoch), start=done):
                 # A sum over this process's share scaled to the global batch: DDP's gradient mean is then
                 # exactly the single-process gradient, even for an uneven last batch.
@@ -359,12 +365,14 @@ def train(args):
                 if stop.is_set(control_group) and step + 1 < len(batches):
                     check_finite(nonfinite_at, epoch, args.out)
                     elapsed += time.time() - t0
-                    checkpoint(epoch, step + 1)
+                    if world > 1:
+                        dist.all_reduce(loss_sum)
+                    checkpoint(epoch, step + 1, loss_sum.item())
                     raise Interrupted(stop.signum, epoch, step + 1, args.out)
             if world > 1:
                 dist.all_reduce(loss_sum)
             check_finite(nonfinite_at, epoch, args.out)
-            epoch_loss = loss_sum.item() / (len(batches) - done)  # the epoch's one host sync
+            epoch_loss = loss_sum.item() / len(batches)  # the epoch's one host sync
             elapsed += time.time() - t0
             metrics = {"epoch": epoch + 1, "loss": round(epoch_loss, 5), "lr": optimizer.param_groups[0]["lr"],
                        "images_per_s": round(sum(sizes[done:]) / (time.time() - t0), 1),
@@ -448,8 +456,9 @@ class Interrupted(Exception):
     def __init__(self, signum, epoch, step, out):
         argv = [a for i, a in enumerate(sys.argv) if not (a.startswith("--resume") or sys.argv[i - 1] == "--resume")]
         resume = " ".join(shlex.quote(a) for a in argv + ["--resume", out])
-        super().__init__(f"stopped by {signal.Signals(signum).name} at epoch {epoch + 1}, step {step}; saved "
-                         f"{out}/checkpoint.pth. Continue with:\n  python {resume}")
+        where = f"after step {step} of epoch {epoch + 1}" if step else f"at the end of epoch {epoch}"
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}; saved {out}/checkpoint.pth. "
+                         f"Continue with:\n  python {resume}")
         self.exit_code = 128 + signum
 
 
@@ -462,8 +471,10 @@ def main(argv=None):
     try:
         return eval_only(args) if args.eval_only else train(args)
     except (UserError, data.DataError) as e:
-        # A DataError raised in a DataLoader worker arrives wrapped in the worker's traceback: keep its message.
-        print(f"error: {str(e).strip().splitlines()[-1].split('DataError: ')[-1]}", file=sys.stderr)
+        message = str(e)
+        if isinstance(e, data.DataError) and "Traceback" in message:  # raised in a DataLoader worker, wrapped
+            message = message.strip().splitlines()[-1].split("DataError: ")[-1]
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
         sys.exit(1)
     except Interrupted as e:
         print(f"\n{e}", file=sys.stderr)
