@@ -731,6 +731,16 @@ def test_saved_checkpoints_reproduce_the_accuracy(synthetic_run, capsys):
     assert not any(k.startswith(("blocks.0.attn", "patch_embed")) for k in adapters)
 
 
+def test_a_linear_probe_saves_loadable_checkpoints_too(tmp_path, capsys):
+    out = tmp_path / "linear"
+    assert run_train(*TINY_RUN, "--method", "linear", "--epochs", "1", "--out", out) == 0
+    accuracy = metrics(out)[-1]["test_acc"]
+    assert set(trained(out / "adapters.pth")) == {"head.weight", "head.bias"}
+    for name in ("adapters.pth", "folded.pth"):
+        assert run_train("--eval-only", "--checkpoint", out / name, "--workers", "0") == 0
+        assert f"test accuracy {accuracy:.2f}%" in capsys.readouterr().out
+
+
 def test_dtd_end_to_end_with_auto_weights(tmp_path, monkeypatch, vit_b16_npz, capsys):
     classes = [f"texture{i}" for i in range(3)]
     _data_dtd_tree(tmp_path / "data", classes, (6, 3, 4))

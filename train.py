@@ -99,8 +99,13 @@ def build_model(config, num_classes):
 
 
 def weights_path(weights, model_name, is_main):
-    """The file --weights names; 'auto' downloads the published checkpoint once into torch hub's cache."""
+    """The file --weights names (None for 'none'); 'auto' downloads the published checkpoint once into
+    torch hub's cache."""
+    if weights == "none":
+        return None
     if weights != "auto":
+        if not os.path.isfile(weights):
+            raise UserError(f"--weights {weights}: no such file")
         return weights
     if model_name not in URLS:
         raise UserError(f"no published ImageNet-21k checkpoint for {model_name}: pass --weights PATH or --weights none")
@@ -118,11 +123,10 @@ def weights_path(weights, model_name, is_main):
     return path
 
 
-def load_weights(model, config, is_main):
-    if config["weights"] == "none":
+def load_weights(model, model_name, path):
+    if path is None:
         return
-    path = weights_path(config["weights"], config["model"], is_main)
-    loader = vit.load_pretrained if config["model"].startswith("vit") else swin.load_pretrained
+    loader = vit.load_pretrained if model_name.startswith("vit") else swin.load_pretrained
     try:
         loader(model, path)
     except arc.CheckpointError as e:
@@ -310,13 +314,12 @@ def train(args):
         raise UserError(f"--batch-size {args.batch_size} must divide evenly over {world} processes")
     with torch.device("meta"):  # check the options against the model now, not after decoding the dataset
         build_model(config, num_classes=1)
-    if args.weights not in ("auto", "none") and not os.path.isfile(args.weights):
-        raise UserError(f"--weights {args.weights}: no such file")
+    weights = weights_path(args.weights, args.model, is_main)
 
     torch.manual_seed(args.seed)
     task = data.build(args.data, args.data_dir, args.img_size, args.workers)
     model = build_model(config, task.num_classes)
-    load_weights(model, config, is_main)
+    load_weights(model, args.model, weights)
     trainable = mark_trainable(model, args.method)
     model.to(device)
     train_batches, test_batches = Batches(task.train, device, args.workers), Batches(task.test, device, args.workers)
@@ -398,17 +401,17 @@ def finish(args, config, model, task, test_batches, dist_info, best, elapsed, tr
     """Final accuracy, adapter checkpoint, folding, folded accuracy, summary."""
     accuracy = evaluate(model, test_batches, 4 * args.batch_size, dist_info)
     meta = {**config, "num_classes": task.num_classes}
-    folded_accuracy = accuracy
     if dist_info[0] == 0:
         save_atomic({"config": meta, "state_dict": trained_tensors(model)}, os.path.join(args.out, "adapters.pth"))
     if args.method in ("arc", "arc_att"):
         arc.reparameterize(model)
         folded_accuracy = evaluate(model, test_batches, 4 * args.batch_size, dist_info)
-        meta["method_folded_from"], meta["method"] = args.method, "folded"
-    if dist_info[0] == 0:
-        save_atomic({"config": meta, "state_dict": model.state_dict()}, os.path.join(args.out, "folded.pth"))
-    log(f"\ntest accuracy {accuracy:.2f}% with adapters, {folded_accuracy:.2f}% folded into the weights"
-        + (" (they agree)" if abs(accuracy - folded_accuracy) < 0.1 else " (MISMATCH: please report this)"))
+    if dist_info[0] == 0:  # the plain architecture, whatever the method: --eval-only reads it as "folded"
+        save_atomic({"config": {**meta, "method": "folded", "trained_with": args.method}, "state_dict": model.state_dict()},
+                    os.path.join(args.out, "folded.pth"))
+    if args.method in ("arc", "arc_att"):
+        log(f"\ntest accuracy {accuracy:.2f}% with adapters, {folded_accuracy:.2f}% folded into the weights"
+            + (" (they agree)" if abs(accuracy - folded_accuracy) < 0.1 else " (MISMATCH: please report this)"))
     if dist_info[0] == 0:
         size = os.path.getsize(os.path.join(args.out, "adapters.pth")) / 1e6
         print(f"summary: {args.model} {args.method} on {args.data}: {trainable:,} trainable parameters, final test "
@@ -437,7 +440,7 @@ def eval_only(args):
             raise UserError(f"--checkpoint {args.checkpoint} does not fit {config['model']}: {str(e)[:300]}") from None
     else:
         model = build_model(config, task.num_classes)
-        load_weights(model, config, True)
+        load_weights(model, config["model"], weights_path(config["weights"], config["model"], True))
         mark_trainable(model, config["method"])
         load_trained_tensors(model, state_dict, args.checkpoint)
     accuracy = evaluate(model.to(device), Batches(task.test, device, args.workers), 4 * args.batch_size, (0, 1))
