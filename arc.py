@@ -23,7 +23,8 @@ reparameterize(model) does this for every adapter and removes them: zero inferen
 
 Use: give each block ARCAdapter(shared, feeds=<the nn.Linear its output feeds>) between its norm and
 that linear, with one SharedProjection per position owned by the model (see vit.py); then
-mark_trainable(model), train, reparameterize(model).
+load_backbone(model, pretrained_state_dict, path), mark_trainable(model), train,
+torch.save(arc_state_dict(model), ...), reparameterize(model).
 """
 import pickle
 import warnings
@@ -134,6 +135,10 @@ def load_arc_state_dict(model, state_dict, head="head"):
                          f"unexpected {unexpected[:5]} (was it saved from another model, method or rank?)")
     model.load_state_dict(state_dict, strict=False)
     return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading pretrained weights into a model with adapters (used by vit.py and swin.py)
 
 
 class CheckpointError(ValueError):
