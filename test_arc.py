@@ -731,6 +731,24 @@ def test_saved_checkpoints_reproduce_the_accuracy(synthetic_run, capsys):
     assert not any(k.startswith(("blocks.0.attn", "patch_embed")) for k in adapters)
 
 
+def test_training_reads_device_values_once_an_epoch_not_once_a_step(tmp_path, monkeypatch):
+    reads = []  # the lines of this project's files that read a value off the device
+
+    def counting(original):
+        def read(self):
+            caller = sys._getframe(1).f_code.co_filename
+            if os.path.dirname(os.path.abspath(caller)) == HERE:  # not torch's own CPU AdamW bookkeeping
+                reads.append(sys._getframe(1).f_lineno)
+            return original(self)
+        return read
+    for name in ("item", "__bool__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
+    assert run_train(*TINY_RUN, "--out", tmp_path / "run") == 0  # 2 epochs of 16 steps, evaluated each epoch
+    # per epoch: the loss and the accuracy; at the end: accuracy with adapters and folded. A read per step
+    # (a host sync on a GPU) would add 32.
+    assert len(reads) == 2 * 2 + 2, reads
+
+
 def test_a_linear_probe_saves_loadable_checkpoints_too(tmp_path, capsys):
     out = tmp_path / "linear"
     assert run_train(*TINY_RUN, "--method", "linear", "--epochs", "1", "--out", out) == 0

@@ -13,6 +13,7 @@ Writes to --out: metrics.jsonl (one line per epoch), checkpoint.pth (every epoch
 adapters.pth (the trained tensors only) and folded.pth (the plain model with the adapters folded in).
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -183,9 +184,15 @@ class Batches:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
 
+@functools.cache
+def mean_std(device):
+    """ImageNet mean and std on `device`, made once: a tensor built from a list every step would be a
+    blocking host-to-device copy every step."""
+    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in (data.MEAN, data.STD))
+
+
 def normalize(images):
-    mean = torch.tensor(data.MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(data.STD, device=images.device).view(1, 3, 1, 1) * 255
+    mean, std = mean_std(images.device)
     return (images.float() - mean) / std
 
 
