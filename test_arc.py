@@ -184,6 +184,21 @@ def vit_b16_npz(tmp_path_factory):
     return path, arrays
 
 
+# Logits of timm 1.0.31's VisionTransformer on the same tiny .npz (loaded by timm's own npz loader) and
+# the same inputs, computed once outside this repo: an independent implementation, without depending on it.
+TIMM_VIT_LOGITS = [[-0.32729971, 0.47661120, 0.04489766, -0.92059106, -0.45604095],
+                   [-0.32190135, 0.50408822, 0.11661853, -1.03994310, -0.51454759]]
+
+
+def test_vit_logits_match_timm_on_the_same_google_npz(tmp_path):
+    write_google_npz(tmp_path / "tiny.npz", 32, 2, 2, 64, 8, 5, 4)
+    model = vit.load_pretrained(tiny_vit(num_classes=5), tmp_path / "tiny.npz").eval()
+    with torch.no_grad():
+        logits = model(reference_images(2, 32))
+    assert torch.allclose(logits, torch.tensor(TIMM_VIT_LOGITS), atol=1e-5, rtol=0)
+    assert all(m.eps == 1e-6 for m in model.modules() if isinstance(m, torch.nn.LayerNorm))  # Google's eps
+
+
 def test_full_size_google_npz_loads_into_vit_b16(vit_b16_npz, capsys):
     path, arrays = vit_b16_npz
     model = vit.load_pretrained(vit.vit_b16(num_classes=47, arc="arc"), path)
@@ -240,6 +255,38 @@ def test_bad_weight_files_fail_with_a_clear_error(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------
 # Swin: parameter counts, exact folding, window and shift semantics, checkpoint layouts
+
+
+def swin_reference_weights():
+    """Deterministic random weights, Microsoft's layout, for _swin_tiny(): numpy's seeded generator over
+    the sorted parameter names, so the same tensors can be fed to timm in a script outside this repo."""
+    rng = np.random.default_rng(0)
+    sd = {}
+    for name, tensor in sorted(_swin_tiny().state_dict().items()):
+        values = rng.standard_normal(tuple(tensor.shape)).astype(np.float32)
+        scale = 0.5 if "relative_position_bias_table" in name else 0.1 if name.endswith("norm.weight") or \
+            re.search(r"norm\d\.weight$", name) else 0.2
+        sd[name] = torch.from_numpy(values * scale + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+    return sd
+
+
+def reference_images(n, size):
+    """Deterministic, free of any random number generator: the inputs of the golden-logit tests."""
+    return torch.sin(torch.arange(n * 3 * size * size, dtype=torch.float64) * 0.37).view(n, 3, size, size).float()
+
+
+# timm 1.0.31's SwinTransformer (img 64, patch 4, window 4, embed 16, depths (2, 2, 2), heads (1, 2, 4)) on
+# swin_reference_weights() renamed to timm's layout, and the same inputs: computed once outside this repo.
+TIMM_SWIN_LOGITS = [[0.70471120, 3.41673279, 0.15904297, 0.68525320, -0.99523121],
+                    [0.89522320, 2.79173684, 0.50579470, 0.64907320, -1.11739779]]
+
+
+def test_swin_logits_match_timm_on_the_same_weights(tmp_path):
+    torch.save({"model": swin_reference_weights()}, tmp_path / "swin.pth")  # Microsoft's layout
+    model = swin.load_pretrained(_swin_tiny(), tmp_path / "swin.pth").eval()
+    with torch.no_grad():
+        logits = model(reference_images(2, 64))
+    assert torch.allclose(logits, torch.tensor(TIMM_SWIN_LOGITS), atol=1e-5, rtol=0)
 
 
 def _swin_tiny(**kw):
