@@ -118,6 +118,18 @@ def test_adapter_checkpoint_is_small_and_reloads(tmp_path):
         arc.load_arc_state_dict(vit.vit_b16(num_classes=47, arc="arc_att"), torch.load(path))
 
 
+def test_the_readme_example_runs(tmp_path, monkeypatch):
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")) as f:
+        example = re.search(r"## ARC on a model of your own.*?```python\n(.*?)```", f.read(), re.S)[1]
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(example, namespace)
+    net = namespace["net"]
+    assert not any(arc.is_arc(m) for m in net.modules()) and isinstance(net.blocks[0].adapter, torch.nn.Identity)
+    assert set(torch.load("adapters.pth")) == {"down_proj.weight", "head.weight", "head.bias"} | {
+        f"blocks.{i}.adapter.{t}" for i in range(4) for t in ("scale", "bias")}
+
+
 def test_bad_configurations_are_refused():
     with pytest.raises(ValueError, match="arc must be"):
         tiny_vit(arc="lora")

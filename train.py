@@ -302,6 +302,7 @@ def read_run_checkpoint(path):
 
 
 def train(args):
+    started = time.time()
     device, rank, world = setup_distributed(args.device)
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
@@ -401,10 +402,10 @@ def train(args):
             if stop.is_set(control_group) and epoch + 1 < args.epochs:
                 raise Interrupted(stop.signum, epoch + 1, 0, args.out)
 
-    finish(args, config, model, task, test_batches, (rank, world), best, elapsed, trainable, log)
+    finish(args, config, model, task, test_batches, (rank, world), best, elapsed, trainable, log, started)
 
 
-def finish(args, config, model, task, test_batches, dist_info, best, elapsed, trainable, log):
+def finish(args, config, model, task, test_batches, dist_info, best, elapsed, trainable, log, started):
     """Final accuracy, adapter checkpoint, folding, folded accuracy, summary."""
     accuracy = evaluate(model, test_batches, 4 * args.batch_size, dist_info)
     meta = {**config, "num_classes": task.num_classes}
@@ -423,7 +424,8 @@ def finish(args, config, model, task, test_batches, dist_info, best, elapsed, tr
         size = os.path.getsize(os.path.join(args.out, "adapters.pth")) / 1e6
         print(f"summary: {args.model} {args.method} on {args.data}: {trainable:,} trainable parameters, final test "
               f"accuracy {accuracy:.2f}%, best over evaluated epochs {best:.2f}% (selected on the test set, as the "
-              f"official code reports), {fmt_time(elapsed)} training\nsaved {args.out}/adapters.pth ({size:.2f} MB) "
+              f"official code reports), {fmt_time(elapsed)} training, {fmt_time(time.time() - started)} wall time in "
+              f"this process\nsaved {args.out}/adapters.pth ({size:.2f} MB) "
               f"and {args.out}/folded.pth")
 
 
