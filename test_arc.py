@@ -818,6 +818,25 @@ def test_a_linear_probe_saves_loadable_checkpoints_too(tmp_path, capsys):
         assert f"test accuracy {accuracy:.2f}%" in capsys.readouterr().out
 
 
+def test_an_fgvc_run_decodes_random_crops_in_workers_and_learns(tmp_path):
+    # FGVC trains on random crops, so its images are decoded by DataLoader workers every epoch, not preloaded.
+    root = tmp_path / "fgvc" / "StanfordCars"
+    train_set, test_set = {}, {}
+    for i in range(60):  # two classes told apart by brightness
+        colour = (200, 200, 200) if i % 2 else (40, 40, 40)
+        os.makedirs(root / f"c{i % 2}", exist_ok=True)
+        Image.new("RGB", (24, 20), colour).save(root / f"c{i % 2}" / f"{i}.jpg")
+        (test_set if i >= 48 else train_set)[f"c{i % 2}/{i}.jpg"] = 100 + i % 2
+    (root / "train.json").write_text(json.dumps(train_set))
+    (root / "test.json").write_text(json.dumps(test_set))
+    out = tmp_path / "run"
+    assert run_train("--data", "cars", "--data-dir", tmp_path, "--model", "vit_t16", "--weights", "none",
+                     "--img-size", "16", "--epochs", "3", "--warmup-epochs", "0", "--batch-size", "8",
+                     "--eval-every", "1", "--workers", "2", "--out", out) == 0
+    history = metrics(out)
+    assert history[-1]["loss"] < history[0]["loss"] and history[-1]["test_acc"] == 100.0
+
+
 def test_dtd_end_to_end_with_auto_weights(tmp_path, monkeypatch, vit_b16_npz, capsys):
     classes = [f"texture{i}" for i in range(3)]
     _data_dtd_tree(tmp_path / "data", classes, (6, 3, 4))
