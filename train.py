@@ -491,6 +491,10 @@ def main(argv=None):
     except Interrupted as e:
         print(f"\n{e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # before training began, or a second Ctrl-C: checkpoints are written atomically
+        print(f"\nstopped at once; {args.out}/checkpoint.pth, if there is one, holds the last completed epoch",
+              file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
