@@ -158,7 +158,13 @@ def _preload(samples, img_size, workers):
 
 
 class _OnTheFly(Dataset):
-    """(path, label) samples decoded and transformed at every access (random augmentation)."""
+    """(path, label) samples decoded and transformed at every access (random augmentation).
+
+    The random crop and flip of sample i come from a generator seeded with (seed, i): set `seed` once
+    an epoch, and every image is augmented the same way whichever worker decodes it, and when, so an
+    interrupted run that resumes mid-epoch sees the same images as one that was never stopped."""
+
+    seed = 0
 
     def __init__(self, samples, transform):
         self.samples, self.transform = samples, transform
@@ -168,7 +174,9 @@ class _OnTheFly(Dataset):
 
     def __getitem__(self, index):
         path, label = self.samples[index]
-        return self.transform(_open_rgb(path)), label
+        with torch.random.fork_rng(devices=[]):  # leave the caller's random stream (dropout) untouched
+            torch.manual_seed(self.seed * 1_000_003 + index)
+            return self.transform(_open_rgb(path)), label
 
 
 def _validate(samples, source, num_classes):

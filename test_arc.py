@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -632,8 +633,11 @@ def test_data_fgvc_augments_training_images(tmp_path):
     (root / "train.json").write_text(json.dumps({"x.png": 1}))
     (root / "test.json").write_text(json.dumps({"x.png": 1}))
     task = data.build("cars", data_dir=str(tmp_path), img_size=_DATA_SIZE)
-    torch.manual_seed(0)
-    crops = {tuple(task.train[0][0].flatten().tolist()) for _ in range(20)}
+    crops = set()
+    for seed in range(20):  # train.py sets a new seed every epoch
+        task.train.seed = seed
+        crops.add(tuple(task.train[0][0].flatten().tolist()))
+        assert torch.equal(task.train[0][0], task.train[0][0])  # the same seed, the same crop: resumable
     assert len(crops) > 1  # random crops and flips
 
 
@@ -810,7 +814,7 @@ def test_training_reads_device_values_once_an_epoch_not_once_a_step(tmp_path, mo
 
 def test_a_linear_probe_saves_loadable_checkpoints_too(tmp_path, capsys):
     out = tmp_path / "linear"
-    assert run_train(*TINY_RUN, "--method", "linear", "--epochs", "1", "--out", out) == 0
+    assert run_train(*TINY_RUN, "--method", "linear", "--epochs", "1", "--warmup-epochs", "0", "--out", out) == 0
     accuracy = metrics(out)[-1]["test_acc"]
     assert set(trained(out / "adapters.pth")) == {"head.weight", "head.bias"}
     for name in ("adapters.pth", "folded.pth"):
@@ -818,23 +822,35 @@ def test_a_linear_probe_saves_loadable_checkpoints_too(tmp_path, capsys):
         assert f"test accuracy {accuracy:.2f}%" in capsys.readouterr().out
 
 
-def test_an_fgvc_run_decodes_random_crops_in_workers_and_learns(tmp_path):
-    # FGVC trains on random crops, so its images are decoded by DataLoader workers every epoch, not preloaded.
-    root = tmp_path / "fgvc" / "StanfordCars"
-    train_set, test_set = {}, {}
-    for i in range(60):  # two classes told apart by brightness
-        colour = (200, 200, 200) if i % 2 else (40, 40, 40)
-        os.makedirs(root / f"c{i % 2}", exist_ok=True)
-        Image.new("RGB", (24, 20), colour).save(root / f"c{i % 2}" / f"{i}.jpg")
-        (test_set if i >= 48 else train_set)[f"c{i % 2}/{i}.jpg"] = 100 + i % 2
-    (root / "train.json").write_text(json.dumps(train_set))
-    (root / "test.json").write_text(json.dumps(test_set))
-    out = tmp_path / "run"
-    assert run_train("--data", "cars", "--data-dir", tmp_path, "--model", "vit_t16", "--weights", "none",
-                     "--img-size", "16", "--epochs", "3", "--warmup-epochs", "0", "--batch-size", "8",
-                     "--eval-every", "1", "--workers", "2", "--out", out) == 0
-    history = metrics(out)
+def fgvc_cars(root, n_train, n_test=12):
+    """A Stanford Cars folder in VPT's json layout: two classes told apart by brightness, textured."""
+    folder, train_set, test_set = root / "fgvc" / "StanfordCars", {}, {}
+    for i in range(n_train + n_test):
+        os.makedirs(folder / f"c{i % 2}", exist_ok=True)
+        ramp = np.add.outer(np.arange(20), 3 * np.arange(24)) % 50  # texture: crops and flips change pixels
+        pixels = np.repeat(((150 if i % 2 else 30) + ramp)[:, :, None], 3, axis=2).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"c{i % 2}" / f"{i}.png")
+        (train_set if i < n_train else test_set)[f"c{i % 2}/{i}.png"] = 100 + i % 2
+    (folder / "train.json").write_text(json.dumps(train_set))
+    (folder / "test.json").write_text(json.dumps(test_set))
+    return ["--data", "cars", "--data-dir", str(root), "--model", "vit_t16", "--weights", "none", "--img-size", "16",
+            "--warmup-epochs", "0", "--batch-size", "8", "--eval-every", "1"]
+
+
+def test_an_fgvc_run_with_random_crops_learns_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+    # FGVC trains on random crops, so its images are decoded by DataLoader workers every epoch, not
+    # preloaded; each crop depends on (epoch, image) alone, so a resumed run sees the same crops.
+    args = [*fgvc_cars(tmp_path, 48), "--epochs", "3", "--workers", "2"]
+    assert run_train(*args, "--out", tmp_path / "straight") == 0
+    history = metrics(tmp_path / "straight")
     assert history[-1]["loss"] < history[0]["loss"] and history[-1]["test_acc"] == 100.0
+    with monkeypatch.context() as patch:
+        patch.setattr(train.StopFlag, "is_set", stop_at_call(7 + 3))  # 6 steps an epoch: epoch 2, step 3
+        assert run_train(*args, "--out", tmp_path / "cut") == 128 + signal.SIGINT
+    assert "after step 3 of epoch 2" in capsys.readouterr().err
+    assert run_train(*args, "--out", tmp_path / "cut", "--resume", tmp_path / "cut") == 0
+    straight, resumed = trained(tmp_path / "straight" / "adapters.pth"), trained(tmp_path / "cut" / "adapters.pth")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
 def test_dtd_end_to_end_with_auto_weights(tmp_path, monkeypatch, vit_b16_npz, capsys):
@@ -855,6 +871,9 @@ def test_dtd_end_to_end_with_auto_weights(tmp_path, monkeypatch, vit_b16_npz, ca
     assert len(metrics(out)) == 1 and os.path.getsize(out / "adapters.pth") < 1_000_000
     plain = vit.vit_b16(num_classes=3, img_size=32)
     plain.load_state_dict(trained(out / "folded.pth"), strict=True)
+    monkeypatch.chdir(tmp_path / "torch_home")  # elsewhere: --eval-only finds the run's data and weights itself
+    assert run_train("--eval-only", "--checkpoint", out / "adapters.pth", "--workers", "0") == 0
+    assert f"test accuracy {metrics(out)[-1]['test_acc']:.2f}%" in capsys.readouterr().out
 
 
 def test_missing_weights_and_data_fail_with_one_clear_line(tmp_path, monkeypatch, capsys):
@@ -876,6 +895,28 @@ def test_missing_weights_and_data_fail_with_one_clear_line(tmp_path, monkeypatch
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert str(tmp_path / "none" / "vtab-1k" / "cifar") in result.stderr
+
+
+def test_resume_and_option_mistakes_get_one_clear_line(synthetic_run, tmp_path, monkeypatch, capsys):
+    def error(*args):
+        code = run_train(*args)
+        assert code != 0
+        # sys.exit("error: ...") prints its message when the process ends: here it is the exit code
+        lines = (code if isinstance(code, str) else capsys.readouterr().err).strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in lines[0], lines
+        return lines[0]
+    assert "--warmup-epochs 10 must be less than --epochs 3" in error(*TINY_RUN, "--epochs", "3", "--warmup-epochs", "10")
+    assert "--device gpu is not a device" in error(*TINY_RUN, "--device", "gpu")
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in error(*TINY_RUN, "--device", "cuda")
+    assert "not a checkpoint.pth written by train.py" in error(*TINY_RUN, "--resume", synthetic_run / "adapters.pth")
+    weights = tmp_path / "other.pth"
+    torch.save(vit.vit_t16(num_classes=10, img_size=16).state_dict(), weights)
+    assert "--weights none there" in error(*TINY_RUN, "--weights", weights, "--resume", synthetic_run)
+    copy_of_run = tmp_path / "run"
+    shutil.copytree(synthetic_run, copy_of_run)
+    monkeypatch.chdir(copy_of_run)  # a bare file name: the run's folder is the current one
+    assert run_train(*TINY_RUN, "--resume", "checkpoint.pth") == 0
 
 
 def stop_at_call(n):
@@ -937,12 +978,27 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
     assert len(metrics(out)) == 1 and not (out / "adapters.pth").exists()
 
 
+def torchrun(args, nproc=2):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           "train.py", *map(str, args), "--device", "cpu"], cwd=HERE, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_two_processes_train_an_fgvc_set_like_one_even_when_one_gets_an_empty_share(tmp_path):
+    # 33 images in batches of 8: the last batch has one image, so the second process gets none.
+    args = [*fgvc_cars(tmp_path, 33), "--epochs", "2", "--adapter-dropout", "0", "--workers", "1"]
+    assert run_train(*args, "--out", tmp_path / "one") == 0
+    result = torchrun([*args, "--out", tmp_path / "two"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = trained(tmp_path / "one" / "adapters.pth"), trained(tmp_path / "two" / "adapters.pth")
+    # float tolerance: sums over two processes round differently, and Adam scales up tiny gradients
+    assert all(torch.allclose(one[k], two[k], atol=1e-4) for k in one)
+
+
 def test_two_processes_train_the_same_weights_as_one(tmp_path):
     args = [*TINY_RUN, "--adapter-dropout", "0", "--eval-every", "2"]
     assert run_train(*args, "--out", tmp_path / "one") == 0
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "train.py", *args, "--out", str(tmp_path / "two"), "--device", "cpu"],
-                            cwd=HERE, capture_output=True, text=True, timeout=600)
+    result = torchrun([*args, "--out", tmp_path / "two"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("epoch   2/2") == 1  # rank 0 alone logs
     one, two = trained(tmp_path / "one" / "adapters.pth"), trained(tmp_path / "two" / "adapters.pth")
