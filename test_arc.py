@@ -1092,27 +1092,6 @@ def _robust_snapshot(folder):
 # Fixtures: weight files (good ones, and broken or foreign ones), and one finished run
 
 
-def _robust_google_npz(path, dim, depth, heads, mlp_dim, patch=16, grid=14, classes=21843):
-    """A ViT checkpoint in Google's .npz names and layouts (zeros: only names and shapes matter here)."""
-    zeros = lambda *shape: np.zeros(shape, np.float32)
-    head_dim = dim // heads
-    arrays = {"embedding/kernel": zeros(patch, patch, 3, dim), "embedding/bias": zeros(dim), "cls": zeros(1, 1, dim),
-              "Transformer/posembed_input/pos_embedding": zeros(1, 1 + grid * grid, dim),
-              "Transformer/encoder_norm/scale": zeros(dim), "Transformer/encoder_norm/bias": zeros(dim),
-              "head/kernel": zeros(dim, classes), "head/bias": zeros(classes)}
-    for i in range(depth):
-        block = f"Transformer/encoderblock_{i}/"
-        att = block + "MultiHeadDotProductAttention_1/"
-        for norm in ("LayerNorm_0", "LayerNorm_2"):
-            arrays[f"{block}{norm}/scale"], arrays[f"{block}{norm}/bias"] = zeros(dim), zeros(dim)
-        for name in ("query", "key", "value"):
-            arrays[f"{att}{name}/kernel"], arrays[f"{att}{name}/bias"] = zeros(dim, heads, head_dim), zeros(heads, head_dim)
-        arrays[f"{att}out/kernel"], arrays[f"{att}out/bias"] = zeros(heads, head_dim, dim), zeros(dim)
-        arrays[f"{block}MlpBlock_3/Dense_0/kernel"], arrays[f"{block}MlpBlock_3/Dense_0/bias"] = zeros(dim, mlp_dim), zeros(mlp_dim)
-        arrays[f"{block}MlpBlock_3/Dense_1/kernel"], arrays[f"{block}MlpBlock_3/Dense_1/bias"] = zeros(mlp_dim, dim), zeros(dim)
-    np.savez(path, **arrays)
-
-
 def _robust_first_bytes(source, target, fraction=0.5):
     """`target`: the first part of `source`, as an interrupted download leaves it."""
     with open(source, "rb") as f:
@@ -1133,9 +1112,9 @@ def _robust_weights(tmp_path_factory):
     paths = {name: folder / name for name in (
         "vit_t16.pth", "vit_t16.npz", "vit_s16.pth", "vit_s16.npz", "swin_t.pth")}
     torch.save(vit.vit_t16(img_size=32).state_dict(), paths["vit_t16.pth"])
-    _robust_google_npz(paths["vit_t16.npz"], dim=192, depth=12, heads=3, mlp_dim=768)
+    write_google_npz(paths["vit_t16.npz"], 192, 12, 3, 768, 16, 21843, 14)
     torch.save(vit.vit_s16().state_dict(), paths["vit_s16.pth"])
-    _robust_google_npz(paths["vit_s16.npz"], dim=384, depth=12, heads=6, mlp_dim=1536)
+    write_google_npz(paths["vit_s16.npz"], 384, 12, 6, 1536, 16, 21843, 14)
     torch.save(swin.swin_t(img_size=224).state_dict(), paths["swin_t.pth"])
     # the good files are good: what the broken ones are broken copies of, and the foreign ones load
     # into their own architecture, so a refusal below is about the model, not the file format
