@@ -214,10 +214,13 @@ def normalize(images):
     return (images.float() - mean) / std
 
 
-def epoch_batches(n, batch_size, seed, epoch, rank, world):
-    """This process's share of each global batch of one epoch's shuffled order (the same on every process)."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return [order[i: i + batch_size][rank::world] for i in range(0, n, batch_size)]
+def shares(order, batch_size, rank, world):
+    """This process's share of each global batch of `order` (an order that is the same on every process)."""
+    return [order[i: i + batch_size][rank::world] for i in range(0, len(order), batch_size)]
+
+
+def epoch_order(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 def train_step(net, optimizer, params, images, labels, loss_scale):
@@ -235,9 +238,8 @@ def train_step(net, optimizer, params, images, labels, loss_scale):
 def evaluate(model, batches, batch_size, rank=0, world=1, bf16=True):
     """Test accuracy in %, counted on the device and summed over processes."""
     model.eval()
-    index = torch.arange(len(batches))
     counts = torch.zeros(2, device=batches.device)  # correct, total: one host sync at the end
-    for images, labels in batches([index[i: i + batch_size][rank::world] for i in range(0, len(index), batch_size)]):
+    for images, labels in batches(shares(torch.arange(len(batches)), batch_size, rank, world)):
         with autocast(batches.device, enabled=bf16):
             counts[0] += (model(normalize(images)).argmax(-1) == labels).sum()
         counts[1] += len(labels)
@@ -323,19 +325,25 @@ class StopFlag:
         return bool(self.signum)
 
 
+def read_saved(path, option, keys, what):
+    """A file train.py wrote, holding at least the entries `keys`; `what` names the kind expected."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{option} {path}: no such file") from None
+    except Exception as e:
+        raise UserError(f"{option} {path} is unreadable ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    if not isinstance(saved, dict) or not set(keys) <= saved.keys():
+        raise UserError(f"{option} {path} is not {what} written by train.py")
+    return saved
+
+
 def read_run_checkpoint(path, world):
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pth")
     path = os.path.abspath(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"--resume: no checkpoint at {path}") from None
-    except Exception as e:
-        raise UserError(f"--resume: {path} is unreadable ({type(e).__name__}: {' '.join(str(e).split())})") from None
-    if not isinstance(checkpoint, dict) or not {"config", "trained", "optimizer", "rng"} <= checkpoint.keys():
-        raise UserError(f"--resume: {path} is not a checkpoint.pth written by train.py (adapters.pth and "
-                        f"folded.pth hold results, not a run to continue)")
+    checkpoint = read_saved(path, "--resume", ("config", "trained", "optimizer", "rng"), "a checkpoint.pth (adapters.pth "
+                            "and folded.pth hold results, not a run to continue)")
     if len(checkpoint["rng"]) != world:
         raise UserError(f"--resume: {path} was written by {len(checkpoint['rng'])} process(es); resume it with as "
                         f"many (torchrun --nproc_per_node={len(checkpoint['rng'])} for several)")
@@ -416,7 +424,7 @@ def train(args):
         for epoch in range(start_epoch, args.epochs):
             t0 = time.time()
             done = start_step if epoch == start_epoch else 0
-            batches = epoch_batches(len(train_batches), args.batch_size, args.seed, epoch, rank, world)
+            batches = shares(epoch_order(len(train_batches), args.seed, epoch), args.batch_size, rank, world)
             sizes = [min(args.batch_size, len(train_batches) - i * args.batch_size) for i in range(len(batches))]
             loss_sum = torch.full((), resume["loss_sum"] if resume and done and is_main else 0.0, device=device)
             first_nonfinite = torch.full((), len(batches), device=device)  # len(batches): none so far
@@ -486,14 +494,8 @@ def eval_only(args):
     """Rebuild the run a checkpoint records (model, method, data, image size) and test it. --data-dir, when
     given, says where its data is now."""
     device = torch.device(args.device)
-    try:
-        saved = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        config, state_dict = saved["config"], saved["state_dict"]
-    except FileNotFoundError:
-        raise UserError(f"--checkpoint {args.checkpoint}: no such file") from None
-    except Exception as e:
-        raise UserError(f"--checkpoint {args.checkpoint}: not an adapters.pth or folded.pth written by train.py "
-                        f"({type(e).__name__}: {' '.join(str(e).split())})") from None
+    saved = read_saved(args.checkpoint, "--checkpoint", ("config", "state_dict"), "an adapters.pth or folded.pth")
+    config, state_dict = saved["config"], saved["state_dict"]
     torch.manual_seed(config["seed"])  # with --weights none the frozen backbone is the seed's random init
     task = data.build(config["data"], args.data_dir or config["data_dir"], config["img_size"], args.workers)
     if config["method"] == "folded":
