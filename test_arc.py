@@ -897,28 +897,6 @@ def test_missing_weights_and_data_fail_with_one_clear_line(tmp_path, monkeypatch
     assert str(tmp_path / "none" / "vtab-1k" / "cifar") in result.stderr
 
 
-def test_resume_and_option_mistakes_get_one_clear_line(synthetic_run, tmp_path, monkeypatch, capsys):
-    def error(*args):
-        code = run_train(*args)
-        assert code != 0
-        # sys.exit("error: ...") prints its message when the process ends: here it is the exit code
-        lines = (code if isinstance(code, str) else capsys.readouterr().err).strip().splitlines()
-        assert len(lines) == 1 and "Traceback" not in lines[0], lines
-        return lines[0]
-    assert "--warmup-epochs 10 must be less than --epochs 3" in error(*TINY_RUN, "--epochs", "3", "--warmup-epochs", "10")
-    assert "--device gpu is not a device" in error(*TINY_RUN, "--device", "gpu")
-    if not torch.cuda.is_available():
-        assert "no CUDA GPU" in error(*TINY_RUN, "--device", "cuda")
-    assert "not a checkpoint.pth written by train.py" in error(*TINY_RUN, "--resume", synthetic_run / "adapters.pth")
-    weights = tmp_path / "other.pth"
-    torch.save(vit.vit_t16(num_classes=10, img_size=16).state_dict(), weights)
-    assert "--weights none there" in error(*TINY_RUN, "--weights", weights, "--resume", synthetic_run)
-    copy_of_run = tmp_path / "run"
-    shutil.copytree(synthetic_run, copy_of_run)
-    monkeypatch.chdir(copy_of_run)  # a bare file name: the run's folder is the current one
-    assert run_train(*TINY_RUN, "--resume", "checkpoint.pth") == 0
-
-
 def stop_at_call(n):
     """A StopFlag.is_set that acts as if Ctrl-C came during the n-th training step."""
     calls = []
@@ -1041,13 +1019,9 @@ def _robust_run(args, capsys):
     and warnings are printed to stderr by the command line (pytest would record them instead): both are
     added to the lines, so that they count as the user would see them."""
     capsys.readouterr()  # drop what earlier steps printed
-    with warnings.catch_warnings(record=True) as caught, one_thread():
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:
-            train.main(args)
-            code = 0
-        except SystemExit as e:
-            code = e.code
+        code = run_train(*args)
     err = capsys.readouterr().err
     shown = [w for w in caught if not issubclass(w.category, _ROBUST_HIDDEN_WARNINGS)]
     err = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in shown) + err
@@ -1187,11 +1161,6 @@ def test_robust_weights_of_another_model_into_vit_t16(_robust_weights, tmp_path,
 # --data: unknown names, missing folders, missing and corrupt images
 
 
-def _robust_image(path, colour=(200, 40, 40)):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.new("RGB", (8, 8), colour).save(path)
-
-
 def _robust_vtab(data_dir, train_images, test_images, task="eurosat"):
     """A VTAB-1k task in NOAH's layout: images/<split>/<name> for each name given, the lists name them all
     (label = index % 10); names that start with 'missing' are listed but not written, names that start
@@ -1207,7 +1176,7 @@ def _robust_vtab(data_dir, train_images, test_images, task="eurosat"):
                 with open(path, "wb") as f:
                     f.write(b"\x00garbage, not a JPEG\xff" * 8)
             elif not name.startswith("missing"):
-                _robust_image(path, (20 * i % 256, 100, 150))
+                _data_write_image(path, i)
             lines.append(f"{relative} {i % 10}")
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, f"{split}.txt"), "w") as f:
@@ -1253,7 +1222,7 @@ def test_robust_corrupt_image_in_an_image_folder_is_named(tmp_path, capsys):
     root = tmp_path / "my_images"
     for split in ("train", "test"):
         for label in ("cat", "dog"):
-            _robust_image(root / split / label / "a.jpg")
+            _data_write_image(root / split / label / "a.jpg", 0)
     (root / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a JPEG" * 4)
     _robust_fails(_robust_args(tmp_path / "out", data=root), capsys, root / "train" / "dog" / "broken.jpg")
 
@@ -1288,6 +1257,23 @@ def test_robust_resume_from_another_model_or_method(_robust_finished_run, capsys
 def test_robust_resume_from_a_folder_without_a_run(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     _robust_fails(_robust_args(resume=tmp_path / "empty"), capsys, "--resume", tmp_path / "empty")
+
+
+def test_resume_and_option_mistakes_get_one_clear_line(synthetic_run, tmp_path, monkeypatch, capsys):
+    _robust_fails([*TINY_RUN, "--epochs", "3", "--warmup-epochs", "10"], capsys,
+                  "--warmup-epochs 10 must be less than --epochs 3")
+    _robust_fails([*TINY_RUN, "--device", "gpu"], capsys, "--device gpu is not a device")
+    if not torch.cuda.is_available():
+        _robust_fails([*TINY_RUN, "--device", "cuda"], capsys, "no CUDA GPU")
+    _robust_fails([*TINY_RUN, "--resume", synthetic_run / "adapters.pth"], capsys,
+                  "not a checkpoint.pth (adapters.pth and folded.pth hold results")
+    weights = tmp_path / "other.pth"
+    torch.save(vit.vit_t16(num_classes=10, img_size=16).state_dict(), weights)
+    _robust_fails([*TINY_RUN, "--weights", weights, "--resume", synthetic_run], capsys, "--weights none there")
+    copy_of_run = tmp_path / "run"
+    shutil.copytree(synthetic_run, copy_of_run)
+    monkeypatch.chdir(copy_of_run)  # a bare file name: the run's folder is the current one
+    assert run_train(*TINY_RUN, "--resume", "checkpoint.pth") == 0
 
 
 _ROBUST_BAD_INTO_A_RUN = {  # case -> (out, weight files) -> a command with the finished run's --out
