@@ -26,8 +26,9 @@ that linear, with one SharedProjection per position owned by the model (see vit.
 load_backbone(model, pretrained_state_dict, path), mark_trainable(model), train,
 torch.save(arc_state_dict(model), ...), reparameterize(model).
 """
-import pickle
+import os
 import warnings
+import zipfile
 
 import torch
 import torch.nn as nn
@@ -154,17 +155,44 @@ def read_state_dict(path):
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
-    except pickle.UnpicklingError:  # a text file, a plain pickle, a whole model saved with torch.save(model)
-        raise CheckpointError(f"{path}: unreadable as a torch state dict (save model.state_dict() with "
-                              f"torch.save, not the model object)") from None
-    except Exception as e:  # a truncated download, a folder, ...
-        raise CheckpointError(f"{path}: unreadable as a torch checkpoint ({type(e).__name__}: "
-                              f"{' '.join(str(e).split())})") from None
+    except Exception:  # what torch says (a missing zip record, an unpickling opcode) would not tell a user why
+        raise CheckpointError(f"{path}: unreadable as a torch checkpoint: it is {describe_file(path)}") from None
     for key in ("model", "state_dict"):
         sd = sd.get(key, sd) if isinstance(sd, dict) else sd
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise CheckpointError(f"{path}: holds no state dict of tensors")
     return sd
+
+
+def describe_file(path):
+    """What the file at `path` looks like, in words, for the message about a file that would not load."""
+    if os.path.isdir(path):
+        return "a folder, not a file: give the checkpoint file in it"
+    with open(path, "rb") as f:
+        head = f.read(1024)
+    if not head:
+        return "an empty file (an interrupted download?)"
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except zipfile.BadZipFile:
+            return "a zip archive cut short (an interrupted download?)"
+        if names and all(name.endswith(".npy") for name in names):
+            return "a NumPy .npz archive (Google's ViT format), not a torch checkpoint"
+        if any(name.endswith("data.pkl") for name in names):
+            return ("a torch file holding a pickled object, not a state dict of tensors (save "
+                    "model.state_dict() with torch.save, not the model)")
+        return "a zip archive of other files"
+    if head.startswith(b"\x80"):
+        return "a Python pickle, not a torch state dict (save model.state_dict() with torch.save)"
+    if head.lstrip().lower().startswith((b"<!doctype", b"<html", b"<?xml")):
+        return "a web page (a server's error page saved in place of the download?)"
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return "not a checkpoint in any format this loader knows"
 
 
 def load_backbone(model, state_dict, source, head="head"):

@@ -1,7 +1,7 @@
 """Swin Transformer (Liu et al., 2021) from scratch, with optional ARC adapters (arc.py).
 
     model = swin_b(num_classes=47, arc="arc")           # or arc="arc_att", or arc=None (plain Swin)
-    load_pretrained(model, "swin_base_patch4_window7_224_22k.pth")   # Microsoft .pth or timm state dict
+    load_pretrained(model, "swin_base_patch4_window7_224_22kto1k.pth")  # Microsoft .pth or timm state dict
     logits = model(images)                              # images: (B, 3, 224, 224), ImageNet mean/std
 
 Parameter names follow Microsoft's release (layers.{s}.blocks.{j}.attn.qkv, layers.{s}.downsample at
@@ -12,6 +12,10 @@ ARC shares its projections per stage, since stage widths differ: layers.{s}.down
 and blocks.{j}.adapter_{att,ffn} (c, b). Both adapters transform a LayerNorm output, so
 arc.reparameterize(model) folds them into attn.qkv and mlp.fc1 as for the ViT. The official ARC
 Swin code instead puts the FFN adapter on the residual stream before norm2, where it cannot be folded.
+
+As in the official ARC Swin code: `drop_path` is the stochastic-depth rate of the last block, the rates
+rising linearly from 0 at the first (its runs used 0.1); the classifier head starts truncated-normal
+(std 0.02), its bias zero. Drop-path has no parameters, so state dicts do not change.
 """
 import re
 
@@ -21,11 +25,19 @@ import torch.nn.functional as F
 
 from arc import ARCAdapter, SharedProjection, load_backbone, read_state_dict
 
-URLS = {  # the ImageNet-22k checkpoints (Microsoft's model zoo, github.com/microsoft/Swin-Transformer)
-    "swin_t": "https://github.com/SwinTransformer/storage/releases/download/v1.0.8/swin_tiny_patch4_window7_224_22k.pth",
-    "swin_s": "https://github.com/SwinTransformer/storage/releases/download/v1.0.8/swin_small_patch4_window7_224_22k.pth",
-    "swin_b": "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_base_patch4_window7_224_22k.pth",
-    "swin_l": "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_large_patch4_window7_224_22k.pth",
+# Pre-trained on ImageNet-22k, then fine-tuned on ImageNet-1k (Microsoft's model zoo): what the official ARC
+# Swin code's `pretrained=True` loads (its default_cfgs name the 22kto1k file), though the paper's text
+# suggests the 22k-only files. Those (e.g. .../v1.0.0/swin_base_patch4_window7_224_22k.pth) still load by
+# path: the same names and shapes but for the 21841-class head, which is then left out.
+URLS = {
+    "swin_t": "https://github.com/SwinTransformer/storage/releases/download/v1.0.8/"
+              "swin_tiny_patch4_window7_224_22kto1k_finetune.pth",
+    "swin_s": "https://github.com/SwinTransformer/storage/releases/download/v1.0.8/"
+              "swin_small_patch4_window7_224_22kto1k_finetune.pth",
+    "swin_b": "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/"
+              "swin_base_patch4_window7_224_22kto1k.pth",
+    "swin_l": "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/"
+              "swin_large_patch4_window7_224_22kto1k.pth",
 }
 
 
@@ -75,12 +87,36 @@ class WindowAttention(nn.Module):
     def forward(self, x, mask=None):
         """x: (B * num_windows, N, C); mask: None or (num_windows, N, N), added to the logits."""
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        # Windows are image-major in x. Attending as (images, windows * heads, N, head_dim) lets one
+        # (windows * heads, N, N) bias broadcast over the images instead of being copied for each one.
+        windows = 1 if mask is None else len(mask)
+        qkv = self.qkv(x).view(B // windows, windows, N, 3, self.heads, C // self.heads)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).flatten(2, 3)
         bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)  # (heads, N, N)
-        if mask is not None:  # windows are image-major in x, so the per-window mask repeats per image
-            bias = (bias + mask[:, None]).repeat(B // len(mask), 1, 1, 1)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        if mask is not None:
+            bias = (bias + mask[:, None]).flatten(0, 1)  # (windows * heads, N, N)
+        # 4-D, (1, ..., N, N): given a 3-D mask, torch's fused CPU kernel is skipped for the slow path
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None].to(q.dtype))
+        x = x.view(B // windows, windows, self.heads, N, -1).transpose(2, 3)  # (images, windows, N, heads, hd)
+        return self.proj(x.reshape(B, N, C))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, drop a residual branch for whole samples with probability p and
+    scale the kept ones by 1 / (1 - p), so the expectation is unchanged; the identity in eval mode."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = x.new_empty((len(x),) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)  # one draw per sample
+        return x * keep / (1 - self.p)
+
+    def extra_repr(self):
+        return f"p={self.p}"
 
 
 class Mlp(nn.Module):
@@ -100,11 +136,12 @@ class Block(nn.Module):
     """
 
     def __init__(self, dim, heads, resolution, window, shift, down_proj_att=None, down_proj_ffn=None,
-                 adapter_dropout=0.1):
+                 adapter_dropout=0.1, drop_path=0.0):
         super().__init__()
         self.resolution, self.window, self.shift = resolution, window, shift
         self.norm1, self.attn = nn.LayerNorm(dim), WindowAttention(dim, heads, window)
         self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, 4 * dim)
+        self.drop_path = DropPath(drop_path)  # stochastic depth, one rate for both residual branches
         self.adapter_att = self.adapter_ffn = nn.Identity()
         if down_proj_att is not None:
             self.adapter_att = ARCAdapter(down_proj_att, self.attn.qkv, adapter_dropout, identity_init=True)
@@ -122,8 +159,8 @@ class Block(nn.Module):
         h = from_windows(self.attn(to_windows(h, self.window), self.attn_mask), self.window, H, W)
         if self.shift:
             h = torch.roll(h, (self.shift, self.shift), dims=(1, 2))
-        x = x + h.reshape(B, L, C)
-        return x + self.mlp(self.adapter_ffn(self.norm2(x)))
+        x = x + self.drop_path(h.reshape(B, L, C))
+        return x + self.drop_path(self.mlp(self.adapter_ffn(self.norm2(x))))
 
 
 class PatchMerging(nn.Module):
@@ -144,9 +181,10 @@ class PatchMerging(nn.Module):
 
 class Stage(nn.Module):
     """Blocks at one resolution, alternating plain and shifted windows, then (but last) a patch merging.
-    Under ARC it owns the stage's shared projections."""
+    Under ARC it owns the stage's shared projections. drop_paths: one stochastic-depth rate per block."""
 
-    def __init__(self, dim, depth, heads, resolution, window, downsample, arc, rank, adapter_dropout):
+    def __init__(self, dim, depth, heads, resolution, window, downsample, arc, rank, adapter_dropout,
+                 drop_paths):
         super().__init__()
         shift = window // 2
         if resolution <= window:  # Microsoft's rule: one window covers the map, nothing to shift
@@ -157,7 +195,7 @@ class Stage(nn.Module):
             self.down_proj_ffn = SharedProjection(dim, rank)
         self.blocks = nn.ModuleList(
             Block(dim, heads, resolution, window, shift if j % 2 else 0, getattr(self, "down_proj_att", None),
-                  getattr(self, "down_proj_ffn", None), adapter_dropout) for j in range(depth))
+                  getattr(self, "down_proj_ffn", None), adapter_dropout, drop_paths[j]) for j in range(depth))
         self.downsample = PatchMerging(dim, resolution) if downsample else nn.Identity()
 
     def forward(self, x):
@@ -168,10 +206,12 @@ class Stage(nn.Module):
 
 class SwinTransformer(nn.Module):
     def __init__(self, dim, depths, heads, window=7, patch_size=4, num_classes=1000, img_size=224,
-                 arc=None, rank=50, adapter_dropout=0.1):
+                 arc=None, rank=50, adapter_dropout=0.1, drop_path=0.0):
         super().__init__()
         if arc not in (None, "arc", "arc_att"):
             raise ValueError(f"arc must be None, 'arc' or 'arc_att', not {arc!r}")
+        if not 0 <= drop_path < 1:
+            raise ValueError(f"drop_path must be in [0, 1), not {drop_path}")
         stride = patch_size * 2 ** (len(depths) - 1)  # each patch merging halves the map
         if img_size % stride:
             raise ValueError(f"img_size {img_size} is not a multiple of {stride} (patch {patch_size}, "
@@ -184,12 +224,16 @@ class SwinTransformer(nn.Module):
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(3, dim, patch_size, patch_size)
         self.patch_embed.norm = nn.LayerNorm(dim)
+        rates = torch.linspace(0, drop_path, sum(depths), device="cpu").tolist()  # over all blocks of all stages
+        starts = [sum(depths[:s]) for s in range(len(depths))]
         self.layers = nn.ModuleList(
             Stage(dim * 2 ** s, depth, heads[s], resolutions[s], window, s < len(depths) - 1, arc, rank,
-                  adapter_dropout) for s, depth in enumerate(depths))
+                  adapter_dropout, rates[starts[s]:starts[s] + depth]) for s, depth in enumerate(depths))
         self.norm = nn.LayerNorm(dim * 2 ** (len(depths) - 1))
         self.head = nn.Linear(dim * 2 ** (len(depths) - 1), num_classes)
-        nn.init.zeros_(self.head.weight)  # as the official recipe: the new task starts from zero logits
+        # the official ARC Swin's head init (its ViT's is zeros): timm's trunc_normal_(std=0.02), whose bounds
+        # are absolute, +-2: 100 std, so in effect a normal distribution
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, images):

@@ -75,10 +75,11 @@ def test_official_initialisation():
     assert model.blocks[0].adapter_att.down_proj is model.blocks[11].adapter_att.down_proj  # shared
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])  # ViT dropout: no parameters, the identity in eval mode
 @pytest.mark.parametrize("method", ["arc", "arc_att"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-9)])
-def test_folding_is_exact(method, dtype, tol):
-    model = randomize_arc(tiny_vit(num_classes=5, arc=method)).to(dtype).eval()
+def test_folding_is_exact(method, dtype, tol, dropout):
+    model = randomize_arc(tiny_vit(num_classes=5, arc=method, dropout=dropout)).to(dtype).eval()
     images = torch.randn(4, 3, 32, 32, dtype=dtype)
     with torch.no_grad():
         unfolded = model(images)
@@ -101,6 +102,39 @@ def test_adapters_change_the_output_and_dropout_acts_in_training():
         assert (model.eval()(images) - plain.eval()(images)).abs().max() > 1e-3
         torch.manual_seed(0)
         assert (model.train()(images) - model.eval()(images)).abs().max() > 1e-3
+
+
+def test_vit_dropout_acts_in_training_and_is_the_identity_in_eval():
+    model = randomize_arc(tiny_vit(num_classes=5, arc="arc", adapter_dropout=0.0, dropout=0.3))
+    without = tiny_vit(num_classes=5, arc="arc", adapter_dropout=0.0)  # rate 0, the same weights
+    without.load_state_dict(model.state_dict(), strict=True)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(images), without.eval()(images))
+        torch.manual_seed(0)
+        assert (model.train()(images) - without.train()(images)).abs().max() > 1e-3
+
+
+def test_vit_dropout_sits_after_the_position_embedding_and_in_the_mlp_only():
+    # the official "vit_drop": after pos_embed is added, after the MLP's GELU, after its fc2; none in attention
+    model = tiny_vit(num_classes=5, dropout=0.5).train()  # no ARC, so no adapter dropout either
+    assert sum(isinstance(m, torch.nn.Dropout) for m in model.modules()) == 1 + 2 * len(model.blocks)
+    assert vit.vit_t16(dropout=0.25).blocks[11].mlp.drop2.p == 0.25  # the size constructors pass it on
+    block, seen = model.blocks[0], {}
+    block.register_forward_pre_hook(lambda module, args: seen.update(tokens=args[0]))
+    block.attn.register_forward_hook(lambda module, args, out: seen.update(attention=out))
+    block.mlp.fc1.register_forward_hook(lambda module, args, out: seen.update(fc1=out))
+    block.mlp.fc2.register_forward_pre_hook(lambda module, args: seen.update(hidden=args[0]))
+    block.mlp.register_forward_hook(lambda module, args, out: seen.update(mlp=out))
+    torch.manual_seed(0)
+    model(torch.randn(4, 3, 32, 32))
+    # dropout leaves exact zeros in about half of the values; these activations have none of their own
+    zeros = {name: (seen[name] == 0).float().mean().item() for name in ("tokens", "attention", "hidden", "mlp")}
+    assert zeros["attention"] == 0 and all(0.4 < zeros[n] < 0.6 for n in ("tokens", "hidden", "mlp")), zeros
+    kept = seen["hidden"] != 0  # and the kept values are GELU's, doubled: the dropout acts after it
+    assert torch.allclose(seen["hidden"][kept], 2 * torch.nn.functional.gelu(seen["fc1"][kept]))
+    tokens = torch.randn(2, 17, 32)
+    assert torch.equal(block.attn(tokens), block.attn(tokens))  # nor on the attention probabilities
 
 
 def test_adapter_checkpoint_is_small_and_reloads(tmp_path):
@@ -136,6 +170,13 @@ def test_bad_configurations_are_refused():
         tiny_vit(arc="lora")
     with pytest.raises(ValueError, match="multiple of the patch size"):
         vit.vit_b16(img_size=200)
+    with pytest.raises(ValueError, match="dropout must be"):
+        tiny_vit(dropout=1.0)
+
+
+def test_auto_weights_for_every_vit_size():
+    assert set(vit.URLS) == {"vit_t16", "vit_s16", "vit_b16", "vit_l16", "vit_h14"}
+    assert "/augreg/Ti_16-i21k-300ep-" in vit.URLS["vit_t16"] and "/augreg/S_16-i21k-300ep-" in vit.URLS["vit_s16"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -332,11 +373,13 @@ def test_swin_b_arc_parameter_counts():
     assert expected == 109_232 and 2 * expected == 218_464  # the paper's 0.27M with the 47-class head
 
 
+@pytest.mark.parametrize("drop_path", [0.0, 0.3])  # no parameters, the identity in eval mode
 @pytest.mark.parametrize("img_size", [64, 32])  # 32 px: the last map (2x2) is smaller than the window
 @pytest.mark.parametrize("method", ["arc", "arc_att"])
-def test_swin_folding_is_exact(method, img_size):
+def test_swin_folding_is_exact(method, img_size, drop_path):
     for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-9)):
-        model = _swin_randomize(_swin_tiny(arc=method, rank=6, img_size=img_size), _swin_is_arc_or_head)
+        model = _swin_randomize(_swin_tiny(arc=method, rank=6, img_size=img_size, drop_path=drop_path),
+                                _swin_is_arc_or_head)
         model = model.to(dtype).eval()
         x = torch.randn(3, 3, img_size, img_size, dtype=dtype)
         with torch.no_grad():
@@ -347,6 +390,53 @@ def test_swin_folding_is_exact(method, img_size):
             assert (folded - adapted).abs().max() < tol
             assert (plain(x) - adapted).abs().max() < tol
             assert adapted.std() > 0.1  # the adapters and head really do something
+
+
+def test_swin_drop_path_rates_rise_linearly_over_all_blocks():
+    rates = [block.drop_path.p for stage in _swin_tiny(drop_path=0.5).layers for block in stage.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.5], abs=1e-6)  # 3 stages of 2 blocks
+    rates = [block.drop_path.p for stage in swin.swin_b(drop_path=0.1).layers for block in stage.blocks]
+    assert len(rates) == 24 and rates[0] == 0 and rates[-1] == pytest.approx(0.1)
+    assert rates[4] == pytest.approx(0.4 / 23)  # the first block of stage 2: the rates run on across stages
+
+
+def test_swin_drop_path_acts_in_training_and_is_the_identity_in_eval():
+    model = _swin_randomize(_swin_tiny(drop_path=0.5))
+    without = _swin_tiny()  # rate 0, the same weights
+    without.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), without.eval()(x))
+        torch.manual_seed(0)
+        assert (model.train()(x) - without.train()(x)).abs().max() > 1e-3
+
+
+def test_swin_drop_path_drops_whole_samples_and_rescales_the_others():
+    drop = swin.DropPath(0.25).train()
+    x = torch.rand(4000, 3, 5) + 1  # no zeros of its own
+    torch.manual_seed(0)
+    y = drop(x)
+    kept, dropped = (y != 0).flatten(1).all(1), (y == 0).flatten(1).all(1)
+    assert (kept | dropped).all() and 0.72 < kept.float().mean() < 0.78
+    assert torch.allclose(y[kept], x[kept] / 0.75)
+    assert drop.eval()(x) is x
+
+
+def test_swin_drop_path_acts_on_both_residual_branches():
+    torch.manual_seed(0)
+    block = swin.Block(8, 2, resolution=8, window=4, shift=2, drop_path=0.5).train()
+    x = torch.randn(64, 64, 8)
+    with torch.no_grad():
+        unchanged = (block(x) == x).flatten(1).all(1)
+    assert 0 < unchanged.sum() < 64  # samples whose two branches were both dropped pass through as they are
+
+
+def test_swin_head_starts_normal_with_std_0_02_and_zero_bias():
+    # the official ARC Swin's head: timm's trunc_normal_(std=.02), whose +-2 bounds are 100 std away
+    torch.manual_seed(0)
+    head = _swin_tiny(num_classes=1000).head
+    assert 0.0195 < head.weight.std() < 0.0205 and 0.07 < head.weight.abs().max() < 0.2
+    assert abs(head.weight.mean()) < 0.001 and torch.all(head.bias == 0)
 
 
 def test_swin_shift_mask_separates_regions():
@@ -413,6 +503,12 @@ def test_swin_t_windows_and_buffers():
     assert isinstance(model.layers[3].downsample, torch.nn.Identity)
 
 
+def test_swin_auto_weights_are_what_the_official_arc_swin_loaded():
+    assert set(swin.URLS) == {"swin_t", "swin_s", "swin_b", "swin_l"}
+    for url in swin.URLS.values():  # pre-trained on ImageNet-22k, fine-tuned on 1k: not the 22k-only files
+        assert re.search(r"/swin_(tiny|small|base|large)_patch4_window7_224_22kto1k(_finetune)?\.pth$", url), url
+
+
 def _swin_timm_layout(sd):
     """Microsoft's names -> timm >= 0.9's: downsample at the start of the next stage, head.fc."""
     out = {}
@@ -439,9 +535,12 @@ def test_swin_loads_microsoft_and_timm_layouts(tmp_path):
         with torch.no_grad():
             logits.append(model(x))
     assert torch.equal(*logits)
-    # another head (e.g. ImageNet-22k's): backbone loads, head stays zero
+    # another head (e.g. ImageNet-22k's): backbone loads, head stays as initialised
+    torch.manual_seed(0)
+    initialised = _swin_tiny(num_classes=7).head.weight
+    torch.manual_seed(0)
     model = swin.load_pretrained(_swin_tiny(num_classes=7), tmp_path / "microsoft.pth")
-    assert model.head.weight.abs().sum() == 0 and torch.equal(model.norm.weight, sd["norm.weight"])
+    assert torch.equal(model.head.weight, initialised) and torch.equal(model.norm.weight, sd["norm.weight"])
 
 
 def test_swin_rejects_mismatching_checkpoints(tmp_path):
@@ -457,6 +556,7 @@ def test_swin_rejects_mismatching_checkpoints(tmp_path):
     ({"arc": "lora"}, "arc must be"),
     ({"img_size": 200}, "multiple of 32"),
     ({"img_size": 256}, "windows"),  # 64x64 first map does not split into 7x7 windows
+    ({"drop_path": 1.0}, "drop_path must be"),
 ])
 def test_swin_rejects_bad_arguments(kw, message):
     with pytest.raises(ValueError, match=message):

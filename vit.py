@@ -6,15 +6,24 @@
 
 Parameter names follow timm (cls_token, pos_embed, blocks.{i}.attn.qkv, ...), so timm state dicts
 load as they are; ARC adds down_proj_att/down_proj_ffn (W, shared) and blocks.{i}.adapter_{att,ffn}.
+
+`dropout` is the official ARC ViT's "vit_drop": one rate after the position embedding, after the MLP's
+GELU and after its fc2; none in attention. It has no parameters, so state dicts do not change.
 """
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arc import ARCAdapter, CheckpointError, SharedProjection, load_backbone, read_state_dict
+from arc import ARCAdapter, CheckpointError, SharedProjection, describe_file, load_backbone, read_state_dict
 
-URLS = {  # the ImageNet-21k checkpoints ARC starts from
+# ImageNet-21k checkpoints: the original ones ARC starts from (B, L, H), and for Ti and S the AugReg ones
+# timm's pretrained configs name (vit_tiny_patch16_224.augreg_in21k, vit_small_patch16_224.augreg_in21k)
+URLS = {
+    "vit_t16": "https://storage.googleapis.com/vit_models/augreg/"
+               "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz",
+    "vit_s16": "https://storage.googleapis.com/vit_models/augreg/"
+               "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz",
     "vit_b16": "https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz",
     "vit_l16": "https://storage.googleapis.com/vit_models/imagenet21k/ViT-L_16.npz",
     "vit_h14": "https://storage.googleapis.com/vit_models/imagenet21k/ViT-H_14.npz",
@@ -36,21 +45,23 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden, dropout=0.0):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)  # after GELU, after fc2
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.drop2(self.fc2(self.drop1(F.gelu(self.fc1(x)))))
 
 
 class Block(nn.Module):
     """x = x + MHA(A_att(LN1(x))); x = x + FFN(A_ffn(LN2(x))). Without ARC the adapters are identities."""
 
-    def __init__(self, dim, heads, mlp_dim, down_proj_att=None, down_proj_ffn=None, adapter_dropout=0.1):
+    def __init__(self, dim, heads, mlp_dim, down_proj_att=None, down_proj_ffn=None, adapter_dropout=0.1,
+                 dropout=0.0):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
-        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, mlp_dim)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, mlp_dim, dropout)
         self.adapter_att = self.adapter_ffn = nn.Identity()
         if down_proj_att is not None:
             self.adapter_att = ARCAdapter(down_proj_att, self.attn.qkv, adapter_dropout, identity_init=True)
@@ -64,24 +75,27 @@ class Block(nn.Module):
 
 class VisionTransformer(nn.Module):
     def __init__(self, patch_size, dim, depth, heads, mlp_dim, num_classes=1000, img_size=224,
-                 arc=None, rank=50, adapter_dropout=0.1):
+                 arc=None, rank=50, adapter_dropout=0.1, dropout=0.0):
         super().__init__()
         if arc not in (None, "arc", "arc_att"):
             raise ValueError(f"arc must be None, 'arc' or 'arc_att', not {arc!r}")
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of the patch size {patch_size}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), not {dropout}")
         self.patch_size = patch_size
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(3, dim, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + (img_size // patch_size) ** 2, dim) * 0.02)
+        self.pos_drop = nn.Dropout(dropout)
         if arc:
             self.down_proj_att = SharedProjection(dim, rank)
         if arc == "arc":
             self.down_proj_ffn = SharedProjection(dim, rank)
         self.blocks = nn.ModuleList(
             Block(dim, heads, mlp_dim, getattr(self, "down_proj_att", None),
-                  getattr(self, "down_proj_ffn", None), adapter_dropout) for _ in range(depth))
+                  getattr(self, "down_proj_ffn", None), adapter_dropout, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, num_classes)
         nn.init.zeros_(self.head.weight)  # as the official recipe: the new task starts from zero logits
@@ -89,7 +103,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, images):
         x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
+        x = self.pos_drop(torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed)
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x[:, 0]))
@@ -150,11 +164,15 @@ def read_checkpoint(path):
         return read_state_dict(path)
     try:
         with np.load(path) as arrays:
-            return convert_npz(dict(arrays))
+            arrays = dict(arrays)  # reads every array: a truncated one fails here
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
-    except Exception as e:  # a truncated download, a missing array, not an .npz at all
-        raise CheckpointError(f"{path}: unreadable as a Google ViT .npz ({type(e).__name__}: {e})") from None
+    except Exception:  # numpy's words (a pickle it will not load, a bad zip) would not say why
+        raise CheckpointError(f"{path}: unreadable as a Google ViT .npz: it is {describe_file(path)}") from None
+    try:
+        return convert_npz(arrays)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: not a Google ViT checkpoint: it has no array {e}") from None
 
 
 def load_pretrained(model, path):
