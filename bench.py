@@ -2,22 +2,31 @@
 
     python bench.py                        # a small ViT on the CPU (vit_t16, 64 px): a minute
     python bench.py --model vit_b16 --img-size 224 --batch-size 32   # the paper's setting (a GPU)
+    python bench.py --run dtd              # a whole VTAB-1k DTD run, timed (ViT-B/16, 224 px, 100 epochs)
+    python bench.py --run dtd --epochs 1 --model vit_t16 --img-size 32   # the same path, short, on a CPU
 
 Training: images/s of train.py's own step (forward, backward, clip, AdamW on the trainable tensors;
 bf16 autocast on CUDA) for arc, arc_att, linear and full, and on CUDA the peak memory of each.
 Inference: images/s of the plain model, ARC unfolded, and ARC folded by arc.reparameterize.
 The variants are timed in turn, round after round, and the median is reported, so that a machine
 whose speed drifts (a shared CPU, a GPU warming up) slows them all alike.
+--run dtd: train.py's own run (train.run_task) on random pixels of DTD's shape under VTAB-1k (1,000 training
+and 1,880 test images, 47 classes) with the default recipe, from start-up to folded.pth, and the wall
+time split into start-up, training, testing and finish.
 """
 import argparse
+import contextlib
 import copy
 import platform
 import statistics
+import tempfile
 import time
+from types import SimpleNamespace
 
 import torch
 
 import arc
+import data
 import train
 
 METHODS = ("arc", "arc_att", "linear", "full")
@@ -41,15 +50,17 @@ def interleaved(calls, device, warmup, rounds):
 
 def build(args, method):
     torch.manual_seed(0)
-    config = {"model": args.model, "img_size": args.img_size, "method": method, "rank": 50, "adapter_dropout": 0.1}
-    return train.build_model(config, num_classes=47)
+    cfg = SimpleNamespace(**{**train.DEFAULTS, "model": args.model, "img_size": args.img_size, "method": method})
+    return train.build_model(cfg, num_classes=47)
 
 
-def training_step(args, device, method):
-    """A closure running one train.py step of `method` on a fixed batch."""
+def training_step(args, device, method, stack):
+    """A closure running one train.py step of `method` on a fixed batch, with the frozen weights in bf16
+    on CUDA as train.py keeps them (until `stack` closes)."""
     model = build(args, method)
     train.mark_trainable(model, method)
     model.to(device).train()
+    stack.enter_context(train.frozen_in_bf16(model, device.type == "cuda"))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, fused=device.type == "cuda")
     images = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8, device=device)
@@ -64,7 +75,7 @@ def inference(args, device, model):
     @torch.no_grad()
     def forward():
         with train.autocast(device):
-            model(train.normalize(images))
+            model(data.normalize(images))
     return forward
 
 
@@ -72,10 +83,33 @@ def peak_memory(args, device, method):
     """GiB at the peak of a training step, model and optimizer state included (one model on the GPU)."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    step = training_step(args, device, method)
-    step(), step()
+    with contextlib.ExitStack() as stack:
+        step = training_step(args, device, method, stack)
+        step(), step()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def dtd_run(args, device):
+    """train.run on random pixels shaped as VTAB-1k DTD; prints the wall time split, returns the result."""
+    generator = torch.Generator().manual_seed(0)
+    split = lambda n: data.Preloaded(torch.randint(0, 256, (n, 3, args.img_size, args.img_size), dtype=torch.uint8,
+                                                   generator=generator), torch.arange(n) % 47)
+    task = data.Task(split(1000), split(1880), [str(k) for k in range(47)], "random pixels shaped as VTAB-1k DTD: 1,000 train / 1,880 test images, 47 classes")
+    given = {"data": "dtd", "model": args.model, "img_size": args.img_size, "weights": "none", "epochs": args.epochs}
+    ctx = train.setup_distributed(args.device, workers=0)
+    started = time.time()
+    with tempfile.TemporaryDirectory() as out:
+        result = train.run_task(given, out, ctx, task=task)
+    wall, seconds = time.time() - started, result["seconds"]
+    print(f"\nDTD-shaped run, {args.model}, {args.img_size} px, {args.epochs} epochs on {machine(device)}:")
+    for part, what in (("setup", "start-up: model, weights, data to the device"),
+                       ("training", f"training: {1000 * args.epochs / seconds['training']:.0f} images/s"),
+                       ("testing", "testing: every 10 epochs and after the last"),
+                       ("finish", "finish: adapters.pth, folding, folded.pth")):
+        print(f"{seconds[part]:9.1f} s  {what}")
+    print(f"{wall:9.1f} s  wall time")
+    return result
 
 
 def machine(device):
@@ -84,22 +118,28 @@ def machine(device):
     return f"{where}; torch {torch.__version__}"
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", choices=["dtd"], help="time a whole run instead of single steps")
+    p.add_argument("--epochs", type=int, default=100, help="for --run")
     p.add_argument("--model", default="vit_t16", choices=sorted(train.MODELS))
     p.add_argument("--img-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.run:
+        return dtd_run(args, device)
     print(f"{args.model}, {args.img_size} px, batch {args.batch_size}, "
           f"{'bf16 autocast' if device.type == 'cuda' else 'float32'}, median of {args.rounds} rounds "
           f"on {machine(device)}\n")
 
     memory = {m: peak_memory(args, device, m) for m in METHODS} if device.type == "cuda" else {}
-    speed = interleaved({m: training_step(args, device, m) for m in METHODS}, device, args.warmup, args.rounds)
+    with contextlib.ExitStack() as stack:
+        steps = {m: training_step(args, device, m, stack) for m in METHODS}
+        speed = interleaved(steps, device, args.warmup, args.rounds)
     print(f"{'training':<16}{'images/s':>10}{'vs full':>9}{'peak GiB':>10}")
     for m in METHODS:
         print(f"{m:<16}{args.batch_size / speed[m]:>10.1f}{speed['full'] / speed[m]:>8.2f}x"

@@ -2,10 +2,11 @@
 
     task = build("dtd", data_dir="./data", img_size=224, workers=4)
     task.train, task.test          # torch Datasets yielding (uint8 tensor (3, H, W), int label)
-    task.num_classes, task.description
+    task.classes, task.description # class names (label i is classes[i]); one line for the log
+    for images, labels in Loader(task.train, device, workers)(index_batches): ...   # uint8 on the device
 
-Every image comes out as uint8 (3, H, W); the training script converts to float, divides by 255 and
-normalises with MEAN/STD on the device, so loading never starves a GPU. Where the transform is
+Every image comes out as uint8 (3, H, W); a Loader hands batches of them to the device, where
+normalize() converts to float and normalises with MEAN/STD, so loading never starves a GPU. Where the transform is
 deterministic (VTAB-1k, DTD, image folders, synthetic: Resize((img_size, img_size)) bicubic, the
 official VTAB recipe) each image is decoded and resized once, by `workers` processes, into a
 Preloaded dataset that can live on the GPU whole. The resize is PIL's Image.resize(BICUBIC), which
@@ -34,10 +35,13 @@ Names and layouts under data_dir:
   a path       (any name with a path separator, or an existing folder) with train/ and test/ (or
                val/) class subfolders, as torchvision's ImageFolder; classes are train/'s subfolders.
 """
+import functools
 import hashlib
 import json
 import math
 import os
+import sys
+import time
 from typing import NamedTuple
 
 import torch
@@ -63,6 +67,13 @@ FGVC_TASKS = {  # name -> (folder under <data_dir>/fgvc as ARC names it, image f
     "dogs": ("StanfordDogs", "Images", 120),
     "cars": ("StanfordCars", "", 196),
 }
+VTAB_GROUPS = {  # the paper's Table 1, in its order
+    "natural": ("cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397"),
+    "specialized": ("patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"),
+    "structured": ("clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "dsprites_ori", "smallnorb_azi",
+                   "smallnorb_ele"),
+}
+SUITES = {"vtab-1k": [task for tasks in VTAB_GROUPS.values() for task in tasks], "fgvc": list(FGVC_TASKS)}
 VTAB_LAYOUT = ("the VTAB-1k layout of NOAH/RepAdapter/SSF: vtab-1k/<task>/train800val200.txt and test.txt "
                "with lines '<image path relative to the task folder> <label>' (NOAH's get_vtab1k.py makes them)")
 SYNTHETIC_CLASSES, SYNTHETIC_TRAIN, SYNTHETIC_TEST = 10, 50, 20  # images per class
@@ -75,8 +86,12 @@ class DataError(Exception):
 class Task(NamedTuple):
     train: Dataset
     test: Dataset
-    num_classes: int
+    classes: list  # class names, label i being classes[i] (the label itself where a list gives no names)
     description: str  # one line for the log: what was loaded from where, how many images
+
+    @property
+    def num_classes(self):
+        return len(self.classes)
 
 
 class Preloaded(Dataset):
@@ -92,21 +107,85 @@ class Preloaded(Dataset):
         return self.images[index], int(self.labels[index])
 
 
-def build(name, data_dir="./data", img_size=224, workers=4):
-    """The Task called `name` (see the module docstring); raises DataError when it cannot be loaded."""
-    if name == "synthetic":
+class Loader:
+    """Batches of a split as uint8 images and labels on `device`, for lists of indices. A Preloaded split
+    moves to the device whole, so a batch is one gather there; others are decoded by DataLoader workers
+    (FGVC's random crops, the same for image i in epoch e whichever worker decodes it: `seed`)."""
+
+    def __init__(self, split, device, workers):
+        self.split, self.device, self.workers = split, device, workers
+        if isinstance(split, Preloaded):
+            self.images, self.labels = split.images.to(device), split.labels.to(device)
+
+    def __len__(self):
+        return len(self.split)
+
+    def __call__(self, index_batches, seed=0):
+        if isinstance(self.split, Preloaded):
+            order = torch.cat(index_batches).to(self.device)  # one copy for the epoch, then slices of it
+            for index in order.split([len(i) for i in index_batches]):
+                yield self.images[index], self.labels[index]
+            return
+        self.split.seed = seed
+        loader = DataLoader(self.split, batch_sampler=[i.tolist() for i in index_batches], num_workers=self.workers,
+                            pin_memory=self.device.type == "cuda", generator=torch.Generator())  # not dropout's RNG
+        for images, labels in loader:
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+
+@functools.cache
+def _mean_std(device):
+    # made once per device: a tensor built from a list every step would be a blocking copy every step
+    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in (MEAN, STD))
+
+
+def normalize(images):
+    """uint8 (B, 3, H, W) -> float32, normalised with the ImageNet MEAN and STD, on the images' device."""
+    mean, std = _mean_std(images.device)
+    return (images.float() - mean) / std
+
+
+def build(name, data_dir="./data", img_size=224, workers=4, log=print):
+    """The Task called `name` (see the module docstring); raises DataError when it cannot be loaded.
+    `log` receives a line per decoded split (None: silent)."""
+    kind = _kind(name, data_dir)
+    if kind == "synthetic":
         return _synthetic(img_size)
-    if name == "dtd" and not os.path.isfile(os.path.join(data_dir, "vtab-1k", "dtd", "train800val200.txt")):
-        return _dtd(data_dir, img_size, workers)
-    if name in VTAB_TASKS:
-        return _vtab(name, data_dir, img_size, workers)
-    if name in FGVC_TASKS:
+    if kind == "dtd release":
+        return _dtd(data_dir, img_size, workers, log)
+    if kind == "vtab":
+        return _vtab(name, data_dir, img_size, workers, log)
+    if kind == "fgvc":
         return _fgvc(name, data_dir, img_size)
+    return _folder(name, img_size, workers, log)
+
+
+def missing(name, data_dir="./data"):
+    """Where the files of `name` were looked for, when they are not there; None when they are (or, for
+    DTD, can be downloaded). Cheap: it reads no image, so a run can check its data before anything else."""
+    kind = _kind(name, data_dir)
+    needed = {"vtab": [os.path.join(data_dir, "vtab-1k", name, file) for file in ("train800val200.txt", "test.txt")],
+              "fgvc": [os.path.join(data_dir, "fgvc", FGVC_TASKS.get(name, ("",))[0], file)
+                       for file in ("train.json", "test.json")],
+              "folder": [os.path.join(name, "train")]}.get(kind, [])
+    absent = [path for path in needed if not os.path.exists(path)]
+    return os.path.dirname(absent[0]) if absent else None
+
+
+def _kind(name, data_dir):
+    if name == "synthetic":
+        return "synthetic"
+    if name == "dtd" and not os.path.isfile(os.path.join(data_dir, "vtab-1k", "dtd", "train800val200.txt")):
+        return "dtd release"
+    if name in VTAB_TASKS:
+        return "vtab"
+    if name in FGVC_TASKS:
+        return "fgvc"
     if os.sep in name or "/" in name or os.path.isdir(name):
-        return _folder(name, img_size, workers)
+        return "folder"
     raise DataError(f"unknown dataset {name!r}: choose synthetic, a VTAB-1k task ({', '.join(VTAB_TASKS)}), "
-                    f"an FGVC set ({', '.join(FGVC_TASKS)}), or a path to a folder with train/ and test/ "
-                    f"class subfolders")
+                    f"an FGVC set ({', '.join(FGVC_TASKS)}), a suite ({', '.join(SUITES)}), or a path to a "
+                    f"folder with train/ and test/ class subfolders")
 
 
 # ---- decoding -------------------------------------------------------------------------------------
@@ -142,18 +221,29 @@ class _Decode(Dataset):
         return pil_to_tensor(image), ""
 
 
-def _preload(samples, img_size, workers):
-    """Decode and resize every (path, label) once, in `workers` processes: a Preloaded dataset."""
+def _preload(samples, img_size, workers, split, log):
+    """Decode and resize every (path, label) once, in `workers` processes: a Preloaded dataset. Large splits
+    take minutes (SUN397's test set is 21,750 images), so progress shows on one line of a terminal."""
     paths = [path for path, _ in samples]
     # filled in place rather than torch.cat: the largest VTAB test sets take several GB at 224, held once
     images = torch.empty(len(paths), 3, img_size, img_size, dtype=torch.uint8)
-    start = 0
+    start, began = 0, time.time()
+    show = log is not None and sys.stderr.isatty()
     for batch, errors in DataLoader(_Decode(paths, img_size), batch_size=64, num_workers=workers):
         broken = [error for error in errors if error]
         if broken:
             raise DataError(broken[0])
         images[start:start + len(batch)] = batch
         start += len(batch)
+        if show:
+            print(f"\rdecoding {split}: {start:,}/{len(paths):,} images, {start / (time.time() - began):.0f} "
+                  f"images/s ", end="", file=sys.stderr, flush=True)
+    if show:
+        print("\r\033[K", end="", file=sys.stderr)  # clear the progress line
+    if log is not None:
+        seconds = time.time() - began
+        log(f"decoded {len(paths):,} {split} images in {seconds:.1f} s ({len(paths) / max(seconds, 1e-9):.0f} "
+            f"images/s)")
     return Preloaded(images, torch.tensor([label for _, label in samples], dtype=torch.int64))
 
 
@@ -174,8 +264,10 @@ class _OnTheFly(Dataset):
 
     def __getitem__(self, index):
         path, label = self.samples[index]
-        with torch.random.fork_rng(devices=[]):  # leave the caller's random stream (dropout) untouched
-            torch.manual_seed(self.seed * 1_000_003 + index)
+        # Only the CPU generator, which fork_rng restores: torch.manual_seed would also reseed the CUDA one
+        # that dropout draws from, when this runs in the training process (--workers 0).
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(self.seed * 1_000_003 + index)
             return self.transform(_open_rgb(path)), label
 
 
@@ -199,25 +291,37 @@ def _read_list(list_file, folder, num_classes):
     if not os.path.isfile(list_file):
         raise DataError(f"{list_file} not found: expected {VTAB_LAYOUT}")
     samples = []
-    with open(list_file) as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                relative, label = line.strip().rsplit(maxsplit=1)
-                samples.append((os.path.join(folder, relative), int(label)))
-            except ValueError:
-                raise DataError(f"{list_file}, line {number}: expected '<image path> <label>', "
-                                f"got {line.strip()!r}") from None
+    for number, line in enumerate(_read_lines(list_file), 1):
+        if not line.strip():
+            continue
+        try:
+            relative, label = line.strip().rsplit(maxsplit=1)
+            samples.append((os.path.join(folder, relative), int(label)))
+        except ValueError:
+            raise DataError(f"{list_file}, line {number}: expected '<image path> <label>', "
+                            f"got {line.strip()!r}") from None
     _validate(samples, list_file, num_classes)
     return samples
 
 
-def _vtab(name, data_dir, img_size, workers):
+def _read_lines(text_file):
+    """The lines of a list file, read as UTF-8 whatever the locale."""
+    try:
+        with open(text_file, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{text_file} is not a UTF-8 text file (byte {e.start} is not UTF-8): is it the list "
+                        f"file, and complete? Download or extract it again") from None
+    except OSError as e:
+        raise DataError(f"cannot read {text_file} ({_reason(e)})") from None
+
+
+def _vtab(name, data_dir, img_size, workers, log):
     folder = os.path.join(data_dir, "vtab-1k", name)
     train, test = (_read_list(os.path.join(folder, file), folder, VTAB_TASKS[name])
                    for file in ("train800val200.txt", "test.txt"))
-    return Task(_preload(train, img_size, workers), _preload(test, img_size, workers), VTAB_TASKS[name],
+    return Task(_preload(train, img_size, workers, "train", log), _preload(test, img_size, workers, "test", log),
+                [str(label) for label in range(VTAB_TASKS[name])],
                 f"VTAB-1k {name} from {folder}: {len(train)} train (train800val200.txt) / {len(test)} test "
                 f"images, resized to {img_size}x{img_size}")
 
@@ -244,8 +348,7 @@ def _dtd_list(root, split):
     if not os.path.isfile(list_file):
         raise DataError(f"{list_file} not found: {root} is not a complete DTD release (expected "
                         f"images/<class>/*.jpg and labels/{{train,val,test}}1.txt); delete it to download again")
-    with open(list_file) as lines:
-        return list_file, [line.strip() for line in lines if line.strip()]
+    return list_file, [line.strip() for line in _read_lines(list_file) if line.strip()]
 
 
 def _tfds_order(names, split):
@@ -253,7 +356,7 @@ def _tfds_order(names, split):
     return sorted(names, key=lambda name: int(hashlib.md5((split + name).encode()).hexdigest(), 16))
 
 
-def _dtd(data_dir, img_size, workers):
+def _dtd(data_dir, img_size, workers, log):
     root = os.path.join(data_dir, "dtd", "dtd")
     if not os.path.isdir(root):  # the same test torchvision makes before downloading
         _download_dtd(data_dir)
@@ -268,8 +371,8 @@ def _dtd(data_dir, img_size, workers):
                           for name in names]
         _validate(samples[split], lists[split][0], len(classes))
     train, test = samples["train"] + samples["val"], samples["test"]
-    return Task(_preload(train, img_size, workers), _preload(test, img_size, workers), len(classes),
-                f"DTD partition 1 from {root} on the VTAB-1k protocol: {len(train)} train (first 800 of train1 + "
+    return Task(_preload(train, img_size, workers, "train", log), _preload(test, img_size, workers, "test", log),
+                classes, f"DTD partition 1 from {root} on the VTAB-1k protocol: {len(train)} train (first 800 of train1 + "
                 f"200 of val1 in TFDS order) / {len(test)} test images, {len(classes)} classes, resized to "
                 f"{img_size}x{img_size}")
 
@@ -311,7 +414,9 @@ def _fgvc(name, data_dir, img_size):
     _validate(train_samples, train_file, num_classes)
     _validate(test_samples, test_file, num_classes)
     train_transform, test_transform = _fgvc_transforms(img_size)
-    return Task(_OnTheFly(train_samples, train_transform), _OnTheFly(test_samples, test_transform), num_classes,
+    names = [str(class_id) for class_id in index]  # a partial copy of the set may miss some: the head keeps its size
+    return Task(_OnTheFly(train_samples, train_transform), _OnTheFly(test_samples, test_transform),
+                names + [f"(no images) {i}" for i in range(len(names), num_classes)],
                 f"FGVC {folder} from {root} (VPT json): {len(train_samples)} train (train.json) / "
                 f"{len(test_samples)} test images, {len(index)} classes, random {img_size} crops + flips for "
                 f"training, centre crops for testing")
@@ -336,7 +441,7 @@ def _scan(split_dir, class_index):
     return samples
 
 
-def _folder(path, img_size, workers):
+def _folder(path, img_size, workers, log):
     train_dir = os.path.join(path, "train")
     test_name = "test" if os.path.isdir(os.path.join(path, "test")) else "val"
     test_dir = os.path.join(path, test_name)
@@ -346,8 +451,8 @@ def _folder(path, img_size, workers):
     classes = sorted(entry.name for entry in os.scandir(train_dir) if entry.is_dir())
     class_index = {name: i for i, name in enumerate(classes)}
     train, test = _scan(train_dir, class_index), _scan(test_dir, class_index)
-    return Task(_preload(train, img_size, workers), _preload(test, img_size, workers), len(classes),
-                f"image folder {path}: {len(train)} train / {len(test)} {test_name} images, {len(classes)} "
+    return Task(_preload(train, img_size, workers, "train", log), _preload(test, img_size, workers, test_name, log),
+                classes, f"image folder {path}: {len(train)} train / {len(test)} {test_name} images, {len(classes)} "
                 f"classes, resized to {img_size}x{img_size}")
 
 
@@ -374,6 +479,6 @@ def _synthetic(img_size):
     generator = torch.Generator().manual_seed(0)
     train = _synthetic_split(SYNTHETIC_TRAIN, img_size, generator)
     test = _synthetic_split(SYNTHETIC_TEST, img_size, generator)
-    return Task(train, test, SYNTHETIC_CLASSES,
+    return Task(train, test, [f"class {k}" for k in range(SYNTHETIC_CLASSES)],
                 f"synthetic: {SYNTHETIC_CLASSES} classes of coloured oriented gratings, {len(train)} train / "
                 f"{len(test)} test images at {img_size}x{img_size} (seed 0)")

@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -907,9 +908,9 @@ def test_training_reads_device_values_once_an_epoch_not_once_a_step(tmp_path, mo
     for name in ("item", "__bool__", "tolist"):
         monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
     assert run_train(*TINY_RUN, "--out", tmp_path / "run") == 0  # 2 epochs of 16 steps, evaluated each epoch
-    # per epoch: the loss and the accuracy; at the end: accuracy with adapters and folded. A read per step
-    # (a host sync on a GPU) would add 32.
-    assert len(reads) == 2 * 2 + 2, reads
+    # per epoch: the loss and the accuracy; at the end: the folding check. A read per step (a host sync on a
+    # GPU) would add 32.
+    assert len(reads) == 2 * 2 + 1, reads
 
 
 def test_a_linear_probe_saves_loadable_checkpoints_too(tmp_path, capsys):
@@ -947,7 +948,9 @@ def test_an_fgvc_run_with_random_crops_learns_and_resumes_exactly(tmp_path, monk
     with monkeypatch.context() as patch:
         patch.setattr(train.StopFlag, "is_set", stop_at_call(7 + 3))  # 6 steps an epoch: epoch 2, step 3
         assert run_train(*args, "--out", tmp_path / "cut") == 128 + signal.SIGINT
-    assert "after step 3 of epoch 2" in capsys.readouterr().err
+    # the rule: a stop mid-epoch keeps the last finished epoch, and the epoch in progress runs again
+    assert "stopped by SIGINT after 1 epoch(s)" in capsys.readouterr().err
+    assert len(torch.load(tmp_path / "cut" / "checkpoint.pth", weights_only=True)["history"]) == 1
     assert run_train(*args, "--out", tmp_path / "cut", "--resume", tmp_path / "cut") == 0
     straight, resumed = trained(tmp_path / "straight" / "adapters.pth"), trained(tmp_path / "cut" / "adapters.pth")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
@@ -1016,7 +1019,8 @@ def test_an_interrupted_run_resumes_to_the_same_weights(synthetic_run, tmp_path,
         patch.setattr(train.StopFlag, "is_set", stop_at_call(17 + 5))
         assert run_train(*TINY_RUN, "--out", out) == 128 + signal.SIGINT
     error = capsys.readouterr().err
-    assert "stopped by SIGINT after step 5 of epoch 2" in error and f"--resume {out}" in error
+    assert "stopped by SIGINT after 1 epoch(s)" in error and f"--resume {out}" in error
+    assert len(metrics(out)) == 1  # epoch 2 was cut at step 5: it runs again, whole, when resumed
     assert run_train(*TINY_RUN, "--out", out, "--resume", out) == 0
     straight, resumed = trained(synthetic_run / "adapters.pth"), trained(out / "adapters.pth")
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
@@ -1052,7 +1056,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
     assert run_train(*TINY_RUN, "--out", out) == 1
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "nan or infinite at epoch 2, step 7" in error
-    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 1  # end of epoch 1, untouched
+    assert len(torch.load(out / "checkpoint.pth", weights_only=True)["history"]) == 1  # epoch 1's, untouched
     assert len(metrics(out)) == 1 and not (out / "adapters.pth").exists()
 
 
@@ -1064,7 +1068,7 @@ def torchrun(args, nproc=2):
 
 def test_two_processes_train_an_fgvc_set_like_one_even_when_one_gets_an_empty_share(tmp_path):
     # 33 images in batches of 8: the last batch has one image, so the second process gets none.
-    args = [*fgvc_cars(tmp_path, 33), "--epochs", "2", "--adapter-dropout", "0", "--workers", "1"]
+    args = [*fgvc_cars(tmp_path, 33), "--epochs", "2", "--adapter-dropout", "0", "--vit-dropout", "0", "--workers", "1"]
     assert run_train(*args, "--out", tmp_path / "one") == 0
     result = torchrun([*args, "--out", tmp_path / "two"])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -1431,3 +1435,348 @@ def test_robust_cli_text_file_as_weights(_robust_weights, tmp_path):
     path = _robust_weights["notes.pth"]
     code, lines = _robust_cli(_robust_args(tmp_path / "out", weights=path))
     _robust_assert_one_clear_line(code, lines, "--weights", path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The authors' recipes, and the paper's tables in one command
+
+
+def test_the_recipe_table_gives_each_task_the_authors_settings_and_the_command_line_wins():
+    cfg, sources, name = train.settings({"data": "cub"})
+    assert (cfg.lr, cfg.weight_decay, cfg.adapter_dropout, cfg.vit_dropout) == (1e-3, 0.05, 0.1, 0.1)
+    assert "FGVC_ARC_train.py" in name and sources["lr"] == sources["vit_dropout"] == "recipe"
+    cfg, sources, _ = train.settings({"data": "cub", "lr": 0.002})
+    assert (cfg.lr, sources["lr"], cfg.weight_decay, sources["weight_decay"]) == (0.002, "command line", 0.05, "recipe")
+    cfg, _, _ = train.settings({"data": "dtd"})  # VTAB-1k on the ViT: the defaults
+    assert (cfg.lr, cfg.weight_decay, cfg.adapter_dropout, cfg.vit_dropout, cfg.drop_path) == (1e-2, 0, 0.1, 0, 0)
+    cfg, sources, _ = train.settings({"data": "dtd", "model": "swin_b"})  # what train_ARC_swin.py really ran
+    assert (cfg.lr, cfg.weight_decay, cfg.adapter_dropout, cfg.drop_path) == (5e-3, 5e-2, 0.5, 0.1)
+    assert (cfg.vit_dropout, sources["vit_dropout"]) == (0.0, "n/a")
+    assert train.settings({"data": "cifar", "model": "swin_b"})[0].weight_decay == 1e-2
+    # the options reach the model: dropout p=0.1 in the ViT for CUB, drop-path in Swin
+    vit_for_cub = train.build_model(train.settings({"data": "cub", "model": "vit_t16"})[0], 200)
+    assert sorted({m.p for m in vit_for_cub.modules() if isinstance(m, torch.nn.Dropout)}) == [0.1]
+    with pytest.raises(train.UserError, match="--drop-path does not apply to vit_b16"):
+        train.settings({"data": "dtd", "drop_path": 0.1})
+
+
+def test_a_run_states_its_recipe_and_records_the_values_it_used(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_train(*fgvc_cars(tmp_path, 16), "--epochs", "1", "--workers", "0", "--lr", "0.002", "--out", out) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "FGVC cars (FGVC_ARC_train.py) recipe" in header
+    assert "lr 0.002 (command line)" in header and "weight_decay 0.05 (recipe)" in header
+    assert "vit_dropout 0.1 (recipe)" in header and "adapter_dropout 0.0 (recipe)" in header
+    for name in ("checkpoint.pth", "adapters.pth"):
+        saved = torch.load(out / name, weights_only=True)["config"]
+        assert (saved["lr"], saved["weight_decay"], saved["vit_dropout"], saved["adapter_dropout"]) == (0.002, 0.05, 0.1, 0)
+
+
+def test_a_short_run_shortens_the_default_warmup(tmp_path, capsys):
+    assert run_train(*_robust_args(tmp_path / "out", warmup_epochs=None)) == 0  # --epochs 1, warm-up 10 by default
+    assert "warmup_epochs 0 (shortened to a tenth of --epochs)" in capsys.readouterr().out
+    _robust_fails(_robust_args(tmp_path / "other", warmup_epochs=1), capsys, "--warmup-epochs 1 must be less than")
+
+
+def _vtab_task(data_dir, task, classes, n_train=12, n_test=8):
+    """A tiny VTAB-1k task folder; the class is in the brightness, so a head learns it."""
+    folder = data_dir / "vtab-1k" / task
+    for split, n in (("train800val200", n_train), ("test", n_test)):
+        lines = []
+        for i in range(n):
+            image = folder / "images" / split / f"{i:06d}.png"
+            image.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 8, 3), 40 + 60 * (i % classes), np.uint8)).save(image)
+            lines.append(f"images/{split}/{i:06d}.png {i % classes}")
+        (folder / f"{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+SUITE = ["--model", "vit_t16", "--weights", "none", "--img-size", "16", "--epochs", "2", "--warmup-epochs", "0",
+         "--workers", "0"]
+
+
+def test_a_suite_runs_its_tasks_resumes_and_reports_the_paper_s_means(tmp_path, monkeypatch, capsys):
+    data_dir, out = tmp_path / "data", tmp_path / "suite"
+    tasks = ["dtd", "eurosat", "kitti"]  # one task of each VTAB-1k group: natural, specialized, structured
+    for task, classes in zip(tasks, (3, 3, 2)):
+        _vtab_task(data_dir, task, classes)
+    args = ["--data", ",".join(tasks), "--data-dir", data_dir, *SUITE, "--out", out]
+    with monkeypatch.context() as patch:  # Ctrl-C in the second task's first epoch (each has 1 step an epoch)
+        patch.setattr(train.StopFlag, "is_set", stop_at_call(2 + 2 + 1))
+        assert run_train(*args) == 128 + signal.SIGINT
+    assert f"--resume {out}" in capsys.readouterr().err
+    assert list(json.loads((out / "results.json").read_text())["tasks"]) == ["dtd"]
+    first = _robust_snapshot(out / "dtd")
+    assert run_train("--resume", out, "--workers", "0") == 0
+    assert "has finished its 2 epochs" in capsys.readouterr().out
+    assert _robust_snapshot(out / "dtd") == first  # finished: skipped, not trained again
+    results = json.loads((out / "results.json").read_text())
+    finals = {task: metrics(out / task)[-1]["test_acc"] for task in tasks}
+    assert {task: r["final"] for task, r in results["tasks"].items()} == finals
+    assert results["groups"] == {"natural": finals["dtd"], "specialized": finals["eurosat"], "structured": finals["kitti"]}
+    assert results["mean"] == pytest.approx(sum(finals.values()) / 3, abs=0.006)
+    assert "paper" not in results  # vit_t16 is not the paper's model
+    table = (out / "results.md").read_text()
+    assert "| kitti |" in table and "**structured mean** (1 tasks)" in table and "selected on the test set" in table
+
+
+def test_a_suite_with_missing_data_stops_before_training_with_one_line(tmp_path, capsys):
+    data_dir, out = tmp_path / "data", tmp_path / "suite"
+    _vtab_task(data_dir, "eurosat", 3)
+    _robust_fails(["--data", "cifar,eurosat,kitti", "--data-dir", data_dir, *SUITE, "--out", out], capsys,
+                  "2 of the 3 tasks", f"cifar (looked in {data_dir / 'vtab-1k' / 'cifar'})", "kitti", "--data eurosat")
+    assert not out.exists()
+
+
+def test_results_give_the_paper_s_group_means_and_overall_mean(tmp_path):
+    # the paper's own per-task figures must give back its Table 1 means: 81.6, 85.8, 60.0 and 73.4 (the mean
+    # of the 19 tasks, not of the three groups)
+    results = {task: {"final": train.PAPER[task], "best": train.PAPER[task], "trainable": 1,
+                      "seconds": {"training": 1, "testing": 1}} for task in data.SUITES["vtab-1k"]}
+    train.write_results(str(tmp_path), results, "vit_b16", "arc")
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert {g: round(m, 1) for g, m in summary["groups"].items()} == {
+        "natural": 81.6, "specialized": 85.8, "structured": 60.0}
+    assert round(summary["mean"], 1) == 73.4 and summary["paper"]["mean"] == summary["mean"]
+    assert "| cifar | 72.20 | 72.20 | 72.2 | +0.00 |" in (tmp_path / "results.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------
+# A user's first hour: more mistakes answered with one line, and less friction
+
+
+def test_robust_out_that_is_a_file_or_cannot_be_written(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a folder")
+    _robust_fails(_robust_args(tmp_path / "notes.txt"), capsys, "--out", tmp_path / "notes.txt", "is a file")
+    _robust_fails(_robust_args(tmp_path / "notes.txt" / "run"), capsys, "--out", tmp_path / "notes.txt")
+    if os.path.exists("/sys/kernel"):  # sysfs: no folder can be made there, not even by root
+        _robust_fails(_robust_args("/sys/arc_run"), capsys, "--out /sys/arc_run", "cannot write in /sys")
+
+
+def test_robust_auto_weights_with_a_hub_cache_that_cannot_be_written(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("TORCH_HOME", "/sys/torch_home")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
+    _robust_fails(_robust_args(tmp_path / "out", weights="auto"), capsys, "/sys/torch_home", "TORCH_HOME", "--weights PATH")
+
+
+def test_robust_a_corrupt_file_in_the_hub_cache_is_named_with_how_to_fix_it(monkeypatch, tmp_path, capsys):
+    cached = tmp_path / "hub" / "checkpoints" / os.path.basename(vit.URLS["vit_t16"])
+    cached.parent.mkdir(parents=True)
+    cached.write_text("<!DOCTYPE html><html><body>502 Bad Gateway</body></html>")  # a proxy's page, saved as .npz
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
+    line = _robust_fails(_robust_args(tmp_path / "out", weights="auto"), capsys, cached, "web page", "delete it")
+    assert "allow_pickle" not in line and "unsafe" not in line
+
+
+@pytest.mark.parametrize("model, name, says", [("swin_t", "vit_t16.npz", "NumPy .npz archive"),
+                                                ("vit_t16", "whole_model.pth", "pickled object"),
+                                                ("vit_t16", "truncated.pth", "cut short")])
+def test_robust_weight_files_are_described_not_quoted(_robust_weights, tmp_path, capsys, model, name, says):
+    line = _robust_fails(_robust_args(tmp_path / "out", model=model, weights=_robust_weights[name], img_size=224
+                                      if model == "swin_t" else 32), capsys, _robust_weights[name], says)
+    assert "hasRecord" not in line and "PytorchStreamReader" not in line
+
+
+def test_robust_a_folder_as_weights(tmp_path, capsys):
+    _robust_fails(_robust_args(tmp_path / "out", weights=tmp_path), capsys, "--weights", tmp_path, "a folder")
+
+
+def test_robust_a_list_file_that_is_not_utf8(tmp_path, capsys):
+    folder = _robust_vtab(tmp_path / "data", _ROBUST_GOOD, _ROBUST_GOOD)
+    with open(os.path.join(folder, "test.txt"), "ab") as f:
+        f.write("images/test/caf\u00e9.jpg 1\n".encode("latin-1"))
+    _robust_fails(_robust_args(tmp_path / "out", data="eurosat", data_dir=tmp_path / "data"), capsys,
+                  os.path.join(folder, "test.txt"), "UTF-8")
+
+
+def test_robust_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"epoch": 1, "loss": 2.3}\n')  # what an older version left behind
+    _robust_fails(_robust_args(resume=out), capsys, "--resume", out, "no checkpoint.pth", "without --resume")
+    assert run_train(*_robust_args(out)) == 0  # the same command again: it runs
+    assert [m["epoch"] for m in metrics(out)] == [1] and "loss" in metrics(out)[0]
+
+
+def test_robust_metrics_have_one_line_per_epoch_after_a_kill_between_log_and_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(train.StopFlag, "is_set", stop_at_call(17))  # the question after epoch 1: stop there
+        assert run_train(*TINY_RUN, "--out", out) == 128 + signal.SIGINT
+    with open(out / "metrics.jsonl", "a") as f:  # as if killed after logging epoch 2, before its checkpoint
+        f.write(json.dumps({"epoch": 2, "loss": 9.9}) + "\n")
+    assert run_train(*TINY_RUN, "--resume", out) == 0
+    assert [m["epoch"] for m in metrics(out)] == [1, 2] and metrics(out)[1]["loss"] != 9.9
+
+
+def test_robust_eval_only_finds_moved_weights_and_data_from_anywhere(_robust_weights, tmp_path, monkeypatch, capsys):
+    weights, out = tmp_path / "w.npz", tmp_path / "run"
+    shutil.copy(_robust_weights["vit_t16.npz"], weights)
+    _robust_vtab(tmp_path / "data", _ROBUST_GOOD, _ROBUST_GOOD)
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user types them
+    assert run_train(*_robust_args("run", data="eurosat", data_dir="data", weights="w.npz")) == 0
+    accuracy = metrics(out)[-1]["test_acc"]
+    (tmp_path / "moved").mkdir()
+    shutil.move(weights, tmp_path / "moved" / "w.npz")
+    monkeypatch.chdir(tmp_path / "moved")  # elsewhere
+    _robust_fails(["--eval-only", "--checkpoint", out / "adapters.pth", "--workers", "0"], capsys,
+                  weights, "not there now", "--weights")
+    _robust_fails(["--eval-only", "--checkpoint", out / "adapters.pth", "--workers", "0",
+                   "--weights", _robust_weights["vit_s16.npz"]], capsys, "--weights", "give the run's own weights")
+    capsys.readouterr()
+    assert run_train("--eval-only", "--checkpoint", out / "adapters.pth", "--workers", "0", "--weights", "w.npz") == 0
+    assert f"test accuracy {accuracy:.2f}%" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("option, value", [("lr", "1e38"), ("lr", "inf"), ("lr", "nan"), ("weight_decay", "1e300"),
+                                           ("adapter_dropout", "1"), ("drop_path", "-0.1")])
+def test_robust_absurd_numbers(tmp_path, capsys, option, value):
+    _robust_fails(_robust_args(tmp_path / "out", **{option: value}), capsys, f"--{option.replace('_', '-')} {float(value)}")
+
+
+def test_robust_help_shows_defaults_and_dataset_names(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for text in ("(default: 32)", "(default: vit_b16)", "(default: the task's recipe; 0.01", "eurosat", "cub",
+                 "vtab-1k", "synthetic", "--resume", "python train.py --data dtd"):
+        assert text in shown, text
+
+
+def test_robust_missing_data_is_reported_before_any_download(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("downloaded before the data check"))
+    _robust_fails(["--data", "cub", "--data-dir", tmp_path / "data", "--out", tmp_path / "out"], capsys,
+                  "no cub data", tmp_path / "data" / "fgvc" / "CUB_200_2011")
+
+
+def test_robust_decoding_shows_progress_on_a_terminal(tmp_path, monkeypatch, capsys):
+    _robust_vtab(tmp_path / "data", _ROBUST_GOOD * 20, _ROBUST_GOOD)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    lines = []
+    data.build("eurosat", str(tmp_path / "data"), 16, 0, lines.append)
+    progress = capsys.readouterr().err
+    assert "\rdecoding train: 64/80 images" in progress and "\rdecoding train: 80/80 images" in progress
+    assert lines[0].startswith("decoded 80 train images in") and "images/s" in lines[0] and len(lines) == 2
+
+
+def test_robust_a_long_cpu_run_says_so_after_its_first_steps(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "LONG_RUN_S", 0)  # every run is long
+    assert run_train(*TINY_RUN, "--out", tmp_path / "run") == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if "s a step" in line)
+    assert "for the 26 steps to go" in line and "--model vit_t16" in line and "--device cuda" in line
+
+
+def test_robust_a_finished_run_is_extended_by_more_epochs(synthetic_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(synthetic_run, out)
+    before = _robust_snapshot(out)
+    assert run_train("--resume", out, "--workers", "0") == 0  # nothing to do: nothing written
+    assert "has finished its 2 epochs" in capsys.readouterr().out and _robust_snapshot(out) == before
+    _robust_fails(["--resume", out, "--epochs", "1"], capsys, "has done 2 epochs already")
+    assert run_train("--resume", out, "--epochs", "3", "--workers", "0") == 0
+    assert "recomputed for 3 epochs" in capsys.readouterr().out
+    history = metrics(out)
+    assert [m["epoch"] for m in history] == [1, 2, 3] and "extended from 2 to 3" in history[1]["schedule"]
+    assert torch.load(out / "adapters.pth", weights_only=True)["config"]["epochs"] == 3
+    assert history[2]["lr"] < history[1]["lr"]  # the new epoch's schedule: after the same cosine, near its end
+
+
+@pytest.mark.parametrize("case, args, facts", [
+    ("--resume of a folder that is not a suite", lambda out: ["--data", "dtd,eurosat", "--resume", out],
+     ["no suite.json"]),
+    ("--resume and --out differ", lambda out: ["--resume", out, "--out", out / "x"], ["name different runs"]),
+    ("--vit-dropout for a Swin", lambda out: ["--model", "swin_t", "--vit-dropout", "0.1", "--out", out / "x"],
+     ["--vit-dropout does not apply to swin_t"]),
+])
+def test_robust_siblings(_robust_finished_run, capsys, case, args, facts):
+    out, snapshot = _robust_finished_run
+    _robust_fails([str(a) for a in args(out)], capsys, *facts)
+    assert _robust_snapshot(out) == snapshot
+
+
+def test_robust_a_full_disk_leaves_the_last_checkpoint_intact(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    save = torch.save
+
+    def full_disk(obj, path, *a, **k):
+        if "config" in obj and len(obj.get("history", [])) == 2:
+            raise OSError(28, "No space left on device")
+        return save(obj, path, *a, **k)
+    monkeypatch.setattr(torch, "save", full_disk)
+    _robust_fails(TINY_RUN + ["--out", out], capsys, out / "checkpoint.pth", "No space left", "intact")
+    assert len(torch.load(out / "checkpoint.pth", weights_only=True)["history"]) == 1
+    assert sorted(os.listdir(out)) == ["checkpoint.pth", "metrics.jsonl"]  # no .tmp left behind
+
+
+def test_the_folded_model_example_in_the_readme_runs(synthetic_run, tmp_path, monkeypatch, capsys):
+    with open(os.path.join(HERE, "README.md")) as f:
+        example = re.search(r"## Using the trained model.*?```python\n(.*?)```", f.read(), re.S)[1]
+    images = tmp_path / "my_photos"
+    task = data.build("synthetic", img_size=16, log=None)
+    for i in (0, 25, 150):  # test images of classes 0, 1 and 7
+        Image.fromarray(task.test.images[i].permute(1, 2, 0).numpy()).save(images / f"{i}.png" if images.exists()
+                                                                           else (images.mkdir() or images / f"{i}.png"))
+    example = example.replace("runs/dtd_vit_b16_arc", str(synthetic_run)).replace("my_photos", str(images))
+    monkeypatch.chdir(HERE)
+    exec(example, {})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [f"{images / '0.png'}: class 0", f"{images / '150.png'}: class 7", f"{images / '25.png'}: class 1"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Speed: what the CPU can show of the GPU path
+
+
+def test_bench_times_a_whole_dtd_shaped_run_through_train_py(capsys):
+    import bench
+    with one_thread():
+        result = bench.main(["--run", "dtd", "--epochs", "1", "--model", "vit_t16", "--img-size", "16", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "shaped as VTAB-1k DTD: 1,000 train / 1,880 test images, 47 classes" in printed
+    for part in ("start-up", "training", "testing", "finish", "wall time", "images/s"):
+        assert part in printed, part
+    assert set(result["seconds"]) == {"setup", "training", "testing", "finish"} and result["trainable"] == 34_079
+
+
+def test_frozen_weights_in_bf16_give_what_autocast_gives_and_come_back_in_float32():
+    model = randomize_arc(tiny_vit(num_classes=5, arc="arc")).eval()
+    arc.mark_trainable(model)
+    originals = {name: p for name, p in model.named_parameters()}
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(images)
+        with train.frozen_in_bf16(model, enabled=True):
+            assert model.blocks[0].attn.qkv.weight.dtype == model.patch_embed.proj.weight.dtype == torch.bfloat16
+            assert model.blocks[0].norm1.weight.dtype == model.down_proj_att.weight.dtype == torch.float32
+            kept = model(images)
+    assert torch.equal(kept, expected)  # bitwise: autocast made the same bf16 copies, once a step
+    assert all(p is originals[name] and p.dtype == torch.float32 for name, p in model.named_parameters())
+
+
+def test_fgvc_augmentation_never_reseeds_the_cuda_generator(tmp_path, monkeypatch):
+    # with --workers 0 the crops are drawn in the training process: reseeding CUDA there would reset the
+    # dropout stream on a GPU every image
+    fgvc_cars(tmp_path, 8)
+    task = data.build("cars", str(tmp_path), 16)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(seed))
+    dropout_stream = torch.get_rng_state()
+    crops = [task.train[i][0] for i in range(8)]
+    assert calls == [] and torch.equal(torch.get_rng_state(), dropout_stream)
+    assert all(torch.equal(crop, task.train[i][0]) for i, crop in enumerate(crops))  # a function of (seed, image)
+
+
+@pytest.mark.parametrize("n, batch_size, world", [(33, 8, 2), (9, 8, 4), (16, 8, 2), (5, 32, 1)])
+def test_no_process_gets_an_empty_batch_and_the_weights_give_the_batch_mean(n, batch_size, world):
+    order = torch.randperm(n)
+    per_rank = [train.shares(order, batch_size, SimpleNamespace(rank=r, world=world)) for r in range(world)]
+    for step in range(len(per_rank[0][0])):
+        batch = order[step * batch_size:(step + 1) * batch_size]
+        assert all(len(indices[step]) > 0 for indices, _ in per_rank)  # no kernel sees a batch of 0
+        real = [indices[step] for indices, weights in per_rank if weights[step]]
+        assert sorted(torch.cat(real).tolist()) == sorted(batch.tolist())  # every image once, at its weight
+        # the summed, weighted losses of all processes, averaged by DDP, give the batch's mean loss
+        assert sum(weights[step] * len(indices[step]) for indices, weights in per_rank) / world == pytest.approx(1)

@@ -1,30 +1,36 @@
-"""Fine-tune a ViT or Swin with ARC, report test accuracy, fold the adapters away, save the result.
+"""Fine-tune a ViT or Swin with ARC: train, test, fold the adapters into the weights, save.
 
-    python train.py --data dtd                      # VTAB-1k DTD, ViT-B/16 ImageNet-21k, the paper's recipe
-    python train.py --data synthetic --model vit_t16 --weights none --img-size 32 --epochs 10 --warmup-epochs 1
-                                                    # a ten-second smoke run on the CPU, no download
-    python train.py --data dtd --resume runs/dtd_vit_b16_arc     # continue an interrupted run
+    python train.py --data dtd                      # VTAB-1k DTD on ViT-B/16 (ImageNet-21k), the authors' recipe
+    python train.py --data cub                      # an FGVC set, with its own lr, weight decay and dropouts
+    python train.py --data vtab-1k                  # the 19 VTAB-1k tasks in turn, then results.md: the paper's table
+    python train.py --data dtd --model vit_t16      # a laptop-sized run on real pretrained weights
+    python train.py --resume runs/dtd_vit_b16_arc   # continue an interrupted run (with --epochs N: extend it)
     python train.py --eval-only --checkpoint runs/dtd_vit_b16_arc/adapters.pth
     torchrun --nproc_per_node=4 train.py --data dtd # several GPUs; --batch-size stays the global batch
 
-Defaults are the official VTAB-1k recipe: AdamW lr 1e-2, weight decay 0, batch 32, 100 epochs,
-10 warm-up epochs then cosine (per step), grad-norm clip 1.0, seed 42, r = 50, adapter dropout 0.1.
-Writes to --out: metrics.jsonl (one line per epoch), checkpoint.pth (every epoch, for --resume),
-adapters.pth (the trained tensors only) and folded.pth (the plain model with the adapters folded in).
+A setting comes from the command line if given there; else, with --resume, from the run itself; else
+from the authors' recipe for the task and model (the tables below: what the official scripts ran). A
+run's folder gets metrics.jsonl (a line an epoch), checkpoint.pth (every epoch), adapters.pth (the
+trained tensors) and folded.pth (the plain model, adapters folded in); a suite gets a folder per task,
+and results.md and results.json after each task.
 """
 import argparse
+import contextlib
 import datetime
-import functools
+import inspect
 import json
 import math
 import os
 import shlex
 import signal
 import sys
+import tempfile
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
@@ -36,113 +42,212 @@ import vit
 MODELS = {name: getattr(module, name) for module, names in
           ((vit, ("vit_t16", "vit_s16", "vit_b16", "vit_l16", "vit_h14")), (swin, ("swin_t", "swin_s", "swin_b", "swin_l")))
           for name in names}
-URLS = {**vit.URLS, **swin.URLS}
-# What defines a run: --resume refuses a checkpoint whose run differed in any of these.
-RUN_ARGS = ("data", "model", "weights", "method", "rank", "adapter_dropout", "lr", "weight_decay", "batch_size",
-            "epochs", "warmup_epochs", "img_size", "seed")
+
+# ---------------------------------------------------------------------------------------------------
+# The authors' recipes (ARC.md sections 3 and 7). DEFAULTS ends with the official VTAB-1k recipe on the
+# ViT (vtab_ARC_train.py); the FGVC and Swin recipes change what they list.
+
+DEFAULTS = dict(data="dtd", data_dir="./data", model="vit_b16", weights="auto", method="arc", rank=50, batch_size=32,
+                epochs=100, img_size=224, seed=42, eval_every=10,
+                lr=1e-2, weight_decay=0.0, warmup_epochs=10, adapter_dropout=0.1, vit_dropout=0.0, drop_path=0.0)
+FGVC_RECIPES = {  # FGVC_ARC_train.py, the authors' settings per dataset
+    "cub": dict(lr=1e-3, weight_decay=0.05, adapter_dropout=0.1, vit_dropout=0.1),
+    "nabirds": dict(lr=2e-4, weight_decay=0.05, adapter_dropout=0.1, vit_dropout=0.1),
+    "flowers": dict(lr=2.5e-3, weight_decay=0.01, adapter_dropout=0.1, vit_dropout=0.1),
+    "dogs": dict(lr=2.5e-4, weight_decay=0.05, adapter_dropout=0.1, vit_dropout=0.0),
+    "cars": dict(lr=5e-3, weight_decay=0.05, adapter_dropout=0.0, vit_dropout=0.1),
+}
+# train_ARC_swin.py with Model/ARC_swin_b.py: drop-path 0.1, and adapter dropout 0.5 (the blocks' default)
+# in every run, as the per-task 'a_drop' it prints never reaches the model. Its lr and weight decay per task:
+SWIN_RECIPE = dict(adapter_dropout=0.5, drop_path=0.1)
+SWIN_VTAB = {
+    "cifar": (5e-3, 1e-2), "caltech101": (3e-3, 5e-2), "dtd": (5e-3, 5e-2), "oxford_flowers102": (5e-3, 5e-5),
+    "oxford_iiit_pet": (1e-2, 5e-2), "svhn": (1e-2, 5e-2), "sun397": (5e-3, 5e-5), "patch_camelyon": (5e-3, 5e-5),
+    "eurosat": (3e-3, 0.0), "resisc45": (1e-2, 0.0), "diabetic_retinopathy": (5e-3, 5e-5), "clevr_count": (2e-3, 5e-2),
+    "clevr_dist": (1e-3, 5e-2), "dmlab": (5e-3, 1e-2), "kitti": (1e-2, 0.0), "dsprites_loc": (1e-2, 0.0),
+    "dsprites_ori": (5e-3, 0.0), "smallnorb_azi": (1e-2, 5e-3), "smallnorb_ele": (1e-3, 5e-2),
+}
+RECIPE_KEYS = ("lr", "weight_decay", "warmup_epochs", "adapter_dropout", "vit_dropout", "drop_path")
+RUN_KEYS = ("data", "model", "weights", "method", "rank", "batch_size", "epochs", "img_size", "seed", *RECIPE_KEYS)
+
+
+def recipe(task, model):
+    """(name, settings) of the authors' recipe for `task` on `model`."""
+    vtab = {key: DEFAULTS[key] for key in RECIPE_KEYS}
+    if model.startswith("swin"):
+        lr, weight_decay = SWIN_VTAB.get(task, (vtab["lr"], vtab["weight_decay"]))
+        return "Swin VTAB-1k (train_ARC_swin.py)", {**vtab, **SWIN_RECIPE, "lr": lr, "weight_decay": weight_decay}
+    if task in FGVC_RECIPES:
+        return f"FGVC {task} (FGVC_ARC_train.py)", {**vtab, **FGVC_RECIPES[task]}
+    return "VTAB-1k (vtab_ARC_train.py)", vtab
+
+
+def settings(given, saved=None):
+    """The run's settings, each with where it came from: the command line, the run being resumed, the
+    recipe for its task and model, or DEFAULTS."""
+    first = lambda key: given.get(key, (saved or DEFAULTS)[key])
+    recipe_name, recipe_values = recipe(first("data"), first("model"))
+    cfg, sources = {}, {}
+    for key in DEFAULTS:
+        cfg[key], sources[key] = next((values[key], source) for source, values in (
+            ("command line", given), ("run", saved or {}), ("recipe", recipe_values), ("default", DEFAULTS))
+            if key in values)
+    unused = "drop_path" if cfg["model"].startswith("vit") else "vit_dropout"  # each model has one of the two
+    if given.get(unused):
+        raise UserError(f"--{flag(unused)} does not apply to {cfg['model']}: --vit-dropout is for ViTs, --drop-path for Swin")
+    cfg[unused], sources[unused] = 0.0, "n/a"
+    if 0 < cfg["epochs"] <= cfg["warmup_epochs"]:
+        if sources["warmup_epochs"] == "command line":
+            raise UserError(f"--warmup-epochs {cfg['warmup_epochs']} must be less than --epochs {cfg['epochs']}, "
+                            f"or the learning rate never decays")
+        cfg["warmup_epochs"], sources["warmup_epochs"] = cfg["epochs"] // 10, "shortened to a tenth of --epochs"
+    return SimpleNamespace(**cfg), sources, recipe_name
+
+
+# ---------------------------------------------------------------------------------------------------
+# Options
 
 
 class UserError(Exception):
     """A mistake in the command, the data or the files: reported as one line, without a traceback."""
 
 
+def flag(key):
+    return key.replace("_", "-")
+
+
+def is_path(name):
+    return os.sep in name or "/" in name or os.path.isdir(name)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help gives each option's default, or says that the task's recipe sets it."""
+
+    def _get_help_string(self, action):
+        if action.dest in RECIPE_KEYS:
+            return f"{action.help} (default: the task's recipe; {DEFAULTS[action.dest]} for VTAB-1k on a ViT)"
+        default = DEFAULTS.get(action.dest, action.default)
+        return action.help if default in (None, False, argparse.SUPPRESS) else f"{action.help} (default: {default})"
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """The options, and the settings among them that the command line gave (paths made absolute, so that a
+    run resumed or tested from another folder finds what it used)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.error = lambda message: sys.exit(f"error: {message} (python train.py --help lists the options)")
-    p.add_argument("--data", default="dtd", help="dtd, a VTAB-1k task, an FGVC set, a folder, or synthetic")
-    p.add_argument("--data-dir", default=None, help="where datasets are looked for and downloaded (./data)")
-    p.add_argument("--model", default="vit_b16", choices=sorted(MODELS))
-    p.add_argument("--weights", default="auto", help="auto (download the ImageNet-21k checkpoint), a path, or none")
-    p.add_argument("--method", default="arc", choices=["arc", "arc_att", "linear", "full"])
-    p.add_argument("--rank", type=int, default=50, help="ARC bottleneck r")
-    p.add_argument("--adapter-dropout", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--batch-size", type=int, default=32, help="global batch, over all processes")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--warmup-epochs", type=int, default=10)
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--eval-every", type=int, default=10, help="evaluate on the test set every N epochs (and at the end)")
-    p.add_argument("--out", default=None, help="output folder (default runs/<data>_<model>_<method>)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding processes")
-    p.add_argument("--resume", default=None, help="an output folder or checkpoint.pth to continue from")
-    p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint (adapters.pth or folded.pth)")
-    p.add_argument("--checkpoint", default=None)
+    add = lambda name, help, **kw: p.add_argument(name, help=help, **kw)
+    add("--data", f"a VTAB-1k task ({' '.join(data.VTAB_TASKS)}); an FGVC set ({' '.join(data.FGVC_TASKS)}); a suite "
+        f"({' '.join(data.SUITES)}) or a comma-separated list of tasks; a folder of train/ and test/ class folders; synthetic")
+    add("--data-dir", "where datasets are looked for (vtab-1k/<task>, fgvc/<set>, dtd/) and downloaded")
+    add("--model", "the backbone", choices=sorted(MODELS))
+    add("--weights", "auto (the checkpoint the official runs used, downloaded into torch hub's cache), a path, or none")
+    add("--method", "what trains", choices=["arc", "arc_att", "linear", "full"])
+    add("--rank", "ARC bottleneck r", type=int)
+    add("--adapter-dropout", "dropout on the adapters' bottleneck", type=float)
+    add("--vit-dropout", "ViT dropout after the position embedding and in the MLP", type=float)
+    add("--drop-path", "Swin stochastic depth at the last block, rising from 0 at the first", type=float)
+    add("--lr", "AdamW peak learning rate", type=float)
+    add("--weight-decay", "AdamW weight decay", type=float)
+    add("--batch-size", "global batch, over all processes", type=int)
+    add("--epochs", "training epochs", type=int)
+    add("--warmup-epochs", "linear warm-up, then cosine decay, per step", type=int)
+    add("--img-size", "input resolution", type=int)
+    add("--seed", "the same seed on the same CPU gives the same run", type=int)
+    add("--eval-every", "test every N epochs, and after the last", type=int)
+    add("--out", "output folder (default: runs/<data>_<model>_<method>)")
+    add("--device", "cpu, cuda or cuda:N", default="cuda" if torch.cuda.is_available() else "cpu")
+    add("--workers", "image decoding processes", type=int, default=min(8, os.cpu_count() or 1))
+    add("--resume", "the folder of a run or suite to continue")
+    add("--eval-only", "test --checkpoint (an adapters.pth or folded.pth)", action="store_true")
+    add("--checkpoint", "for --eval-only")
     args = p.parse_args(argv)
-    for name, low in (("rank", 1), ("batch_size", 1), ("epochs", 1), ("img_size", 1), ("eval_every", 1),
-                      ("warmup_epochs", 0), ("workers", 0)):
-        if getattr(args, name) < low:
-            p.error(f"--{name.replace('_', '-')} must be at least {low}, not {getattr(args, name)}")
-    if args.warmup_epochs and args.warmup_epochs >= args.epochs:
-        p.error(f"--warmup-epochs {args.warmup_epochs} must be less than --epochs {args.epochs}, or the learning "
-                f"rate never decays")
-    for name in ("lr", "weight_decay"):
-        if not getattr(args, name) >= 0:  # also refuses nan
-            p.error(f"--{name.replace('_', '-')} must be a non-negative number, not {getattr(args, name)}")
-    if not 0 <= args.adapter_dropout < 1:
-        p.error(f"--adapter-dropout must be in [0, 1), not {args.adapter_dropout}")
+    for keys, ok, rule in ((("rank", "batch_size", "epochs", "img_size", "eval_every"), lambda v: v >= 1, "at least 1"),
+                           (("warmup_epochs", "workers"), lambda v: v >= 0, "at least 0"),
+                           (("lr", "weight_decay"), lambda v: 0 <= v <= 10, "a number from 0 to 10 (recipes: 0 to 0.05)"),
+                           (("adapter_dropout", "vit_dropout", "drop_path"), lambda v: 0 <= v < 1, "a rate in [0, 1)")):
+        for key in keys:
+            if getattr(args, key) is not None and not ok(getattr(args, key)):  # `not ok`: nan fails every test
+                p.error(f"--{flag(key)} {getattr(args, key)} must be {rule}")
     try:
-        device = torch.device(args.device)
+        if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+            p.error(f"--device {args.device}: torch sees no CUDA GPU here; use --device cpu")
     except RuntimeError:
         p.error(f"--device {args.device} is not a device: cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: torch sees no CUDA GPU here; use --device cpu")
     if args.eval_only != bool(args.checkpoint):
         p.error("--eval-only and --checkpoint go together: --eval-only --checkpoint runs/<run>/adapters.pth")
-    if args.weights not in ("auto", "none"):
-        args.weights = os.path.abspath(args.weights)  # so that --resume compares files, not spellings
-    if args.out is None:
-        args.out = os.path.join("runs", f"{os.path.basename(os.path.normpath(args.data))}_{args.model}_{args.method}")
-    return args
+    if args.resume and args.out and os.path.abspath(args.out) not in (os.path.abspath(args.resume),
+                                                                        os.path.dirname(os.path.abspath(args.resume))):
+        p.error(f"--resume {args.resume} and --out {args.out} name different runs: give one of them")
+    if args.data_dir:
+        args.data_dir = os.path.abspath(args.data_dir)
+    if args.weights not in (None, "auto", "none"):
+        args.weights = os.path.abspath(args.weights)
+    if args.data and is_path(args.data):
+        args.data = os.path.abspath(args.data)
+    return args, {key: getattr(args, key) for key in DEFAULTS if getattr(args, key) is not None}
 
 
 # ---------------------------------------------------------------------------------------------------
 # Model and weights
 
 
-def build_model(config, num_classes):
-    adapters = config["method"] if config["method"] in ("arc", "arc_att") else None
+def build_model(cfg, num_classes):
+    kw = dict(dropout=cfg.vit_dropout) if cfg.model.startswith("vit") else dict(drop_path=cfg.drop_path)
     try:
-        return MODELS[config["model"]](num_classes=num_classes, img_size=config["img_size"], arc=adapters,
-                                       rank=config["rank"], adapter_dropout=config["adapter_dropout"])
+        return MODELS[cfg.model](num_classes=num_classes, img_size=cfg.img_size, rank=cfg.rank, **kw,
+                                 arc=cfg.method if cfg.method in ("arc", "arc_att") else None,
+                                 adapter_dropout=cfg.adapter_dropout)
     except ValueError as e:
-        raise UserError(f"--img-size {config['img_size']} does not suit --model {config['model']}: {e}") from None
+        raise UserError(f"--img-size {cfg.img_size} does not suit --model {cfg.model}: {e}") from None
 
 
-def weights_path(weights, model_name):
+def check_data(cfg):
+    """Whether the data is there is cheap to learn: before anything is downloaded or decoded."""
+    if data.missing(cfg.data, cfg.data_dir):
+        raise UserError(f"no {cfg.data} data: looked in {data.missing(cfg.data, cfg.data_dir)} (see --data-dir)")
+
+
+def weights_file(weights, model_name):
     """The file --weights names (None for 'none'); 'auto' downloads the published checkpoint once into
     torch hub's cache."""
-    if weights == "none":
+    if weights in ("none", None):
         return None
     if weights != "auto":
         if not os.path.isfile(weights):
-            raise UserError(f"--weights {weights}: no such file")
+            raise UserError(f"--weights {weights}: {'a folder, not a file' if os.path.isdir(weights) else 'no such file'}")
         return weights
-    if model_name not in URLS:
-        raise UserError(f"no published ImageNet-21k checkpoint for {model_name}: pass --weights PATH or --weights none")
-    url = URLS[model_name]
+    url = {**vit.URLS, **swin.URLS}[model_name]
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
     if not os.path.exists(path):
         print(f"downloading {url}\n         to {path}")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             torch.hub.download_url_to_file(url, path, progress=True)  # writes a temporary file, then renames
+        except OSError as e:
+            raise UserError(f"--weights auto: cannot write torch hub's cache {os.path.dirname(path)} ({e.strerror}): "
+                            f"set TORCH_HOME to a folder you can write, or download {url} and pass --weights PATH") from None
         except Exception as e:
             raise UserError(f"could not download the {model_name} weights ({type(e).__name__}: {e}). Looked for "
                             f"{path}: download {url} by hand and put it there, or pass --weights PATH") from None
     return path
 
 
-def load_weights(model, model_name, path):
-    if path is None:
-        return
-    loader = vit.load_pretrained if model_name.startswith("vit") else swin.load_pretrained
+def load_weights(model, cfg, path):
     try:
-        loader(model, path)
+        if path:
+            (vit if cfg.model.startswith("vit") else swin).load_pretrained(model, path)
     except arc.CheckpointError as e:
-        raise UserError(f"--weights {e}") from None
+        advice = "; --weights auto downloaded it: delete it, and the next run downloads it again" if cfg.weights == "auto" else ""
+        raise UserError(f"--weights {e}{advice}") from None
+
+
+def prepare_model(cfg, num_classes, weights):
+    """The model of `cfg` with its pretrained weights, and only what its method trains trainable."""
+    torch.manual_seed(cfg.seed)  # with --weights none the frozen backbone is the seed's random init
+    model = build_model(cfg, num_classes)
+    load_weights(model, cfg, weights)
+    mark_trainable(model, cfg.method)
+    return model
 
 
 def mark_trainable(model, method):
@@ -166,67 +271,44 @@ def load_trained_tensors(model, state_dict, source):
     model.load_state_dict(state_dict, strict=False)
 
 
+@contextlib.contextmanager
+def frozen_in_bf16(model, enabled):
+    """Keep the frozen weights of linear and conv layers in bf16 while training on CUDA: autocast caches its
+    casts only of tensors that require grad, and would cast these ~86M values again at every forward. The
+    result is the same (autocast runs those layers in bf16 anyway); the float32 originals come back on exit,
+    for folding."""
+    frozen = [p for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and enabled
+              for p in m.parameters(recurse=False) if not p.requires_grad]
+    originals = [p.data for p in frozen]
+    for p in frozen:
+        p.data = p.data.to(torch.bfloat16)
+    try:
+        yield
+    finally:
+        for p, original in zip(frozen, originals):
+            p.data = original
+
+
 # ---------------------------------------------------------------------------------------------------
-# Data on the device: uint8 images in, normalised floats out
+# The step, the schedule, evaluation
 
 
-class Batches:
-    """Index batches of a split, as uint8 on the device. Preloaded splits stay on the device whole, so a
-    step is one gather; others are decoded by DataLoader workers (FGVC's random crops)."""
-
-    def __init__(self, split, device, workers, img_size):
-        self.split, self.device, self.workers = split, device, workers
-        self.empty = (torch.empty(0, 3, img_size, img_size, dtype=torch.uint8, device=device),
-                      torch.empty(0, dtype=torch.int64, device=device))
-        if isinstance(split, data.Preloaded):
-            self.images, self.labels = split.images.to(device), split.labels.to(device)
-
-    def __len__(self):
-        return len(self.split)
-
-    def __call__(self, index_batches, seed=0):
-        if isinstance(self.split, data.Preloaded):
-            order = torch.cat(index_batches).to(self.device)  # one copy for the epoch, then slices of it
-            for index in order.split([len(i) for i in index_batches]):
-                yield self.images[index], self.labels[index]
-            return
-        self.split.seed = seed  # the epoch's random crops, whichever worker decodes which image
-        loader = iter(torch.utils.data.DataLoader(
-            self.split, batch_sampler=[i.tolist() for i in index_batches if len(i)], num_workers=self.workers,
-            pin_memory=self.device.type == "cuda", generator=torch.Generator()))  # not the global (dropout) RNG
-        for index in index_batches:
-            if not len(index):  # under torchrun, a last batch smaller than the process count leaves some none
-                yield self.empty
-                continue
-            images, labels = next(loader)
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+def autocast(device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-@functools.cache
-def mean_std(device):
-    """ImageNet mean and std on `device`, made once: a tensor built from a list every step would be a
-    blocking host-to-device copy every step."""
-    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in (data.MEAN, data.STD))
+def lr_at(step, cfg, steps_per_epoch):
+    """The official schedule: linear warm-up, then cosine decay to 0 at the last step."""
+    warmup, total = cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def normalize(images):
-    mean, std = mean_std(images.device)
-    return (images.float() - mean) / std
-
-
-def shares(order, batch_size, rank, world):
-    """This process's share of each global batch of `order` (an order that is the same on every process)."""
-    return [order[i: i + batch_size][rank::world] for i in range(0, len(order), batch_size)]
-
-
-def epoch_order(n, seed, epoch):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-
-
-def train_step(net, optimizer, params, images, labels, loss_scale):
+def train_step(net, optimizer, params, images, labels, weight):
     """Forward, backward, clip, AdamW. Returns the loss as a device tensor: no host sync here."""
     with autocast(images.device):
-        loss = F.cross_entropy(net(normalize(images)), labels, reduction="sum") * loss_scale
+        loss = F.cross_entropy(net(data.normalize(images)), labels, reduction="sum") * weight
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -234,73 +316,164 @@ def train_step(net, optimizer, params, images, labels, loss_scale):
     return loss.detach()
 
 
+def shares(order, batch_size, ctx):
+    """This process's share of each global batch of `order` (the same order on every process), and the weight
+    that makes its summed loss its part of the batch mean: DDP's average of the gradients is then exactly the
+    one-process gradient. A share that would be empty (a short last batch) is one image at weight 0: the
+    process still takes part in DDP's step, and no kernel is given an empty batch."""
+    indices, weights = [], []
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        share = batch[ctx.rank::ctx.world]
+        indices.append(share if len(share) else batch[:1])
+        weights.append(ctx.world / len(batch) if len(share) else 0.0)
+    return indices, weights
+
+
 @torch.no_grad()
-def evaluate(model, batches, batch_size, rank=0, world=1, bf16=True):
+def evaluate(model, loader, batch_size, ctx):
     """Test accuracy in %, counted on the device and summed over processes."""
     model.eval()
-    counts = torch.zeros(2, device=batches.device)  # correct, total: one host sync at the end
-    for images, labels in batches(shares(torch.arange(len(batches)), batch_size, rank, world)):
-        with autocast(batches.device, enabled=bf16):
-            counts[0] += (model(normalize(images)).argmax(-1) == labels).sum()
+    indices, weights = shares(torch.arange(len(loader)), batch_size, ctx)
+    counts = torch.zeros(2, device=ctx.device)  # correct, total: one host sync at the end
+    for images, labels in loader([i for i, w in zip(indices, weights) if w]):
+        with autocast(ctx.device):
+            counts[0] += (model(data.normalize(images)).argmax(-1) == labels).sum()
         counts[1] += len(labels)
-    if world > 1:
+    if ctx.world > 1:
         dist.all_reduce(counts)
     model.train()
-    return 100 * (counts[0] / counts[1]).item()
+    return round(100 * (counts[0] / counts[1]).item(), 2)
 
 
-def autocast(device, enabled=True):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+class LossMeter:
+    """An epoch's mean loss and its first step with a nan or infinite loss, kept on the device: read once."""
+
+    def __init__(self, ctx, steps):
+        self.ctx, self.steps = ctx, steps
+        self.sum, self.first_bad = torch.zeros((), device=ctx.device), torch.tensor(steps, device=ctx.device)
+
+    def add(self, step, loss):
+        self.sum += loss / self.ctx.world  # each process's loss is its share of the batch mean, times world
+        self.first_bad = torch.where(torch.isfinite(loss), self.first_bad, self.first_bad.clamp(max=step))
+
+    def mean(self, epoch, out):
+        if self.ctx.world > 1:
+            dist.all_reduce(self.sum)
+            dist.all_reduce(self.first_bad, op=dist.ReduceOp.MIN)
+        total, first_bad = torch.stack([self.sum, self.first_bad.float()]).tolist()  # the epoch's one host sync
+        if first_bad < self.steps:
+            raise UserError(f"the loss became nan or infinite at epoch {epoch + 1}, step {int(first_bad) + 1}; the last "
+                            f"good checkpoint ({out}/checkpoint.pth) is untouched. Try a lower --lr")
+        return round(total / self.steps, 5)
+
+
+LONG_RUN_S = 3600  # on a CPU, a run longer than this gets advice
+
+
+class Pace:
+    """After the first steps, one line: how long the steps to go will take, and, when that is long on a CPU,
+    what would be quicker. The first step pays for start-up, so the five after it are timed."""
+
+    def __init__(self, ctx, steps_to_go):
+        self.ctx, self.steps_to_go, self.done = ctx, steps_to_go, 0
+
+    def step(self):
+        self.done += 1
+        if self.done in (1, 6) and self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)  # twice a run: the clock needs the GPU's work done
+        if self.done == 1:
+            self.start = time.time()
+        elif self.done == 6:
+            per_step = (time.time() - self.start) / 5
+            seconds = per_step * (self.steps_to_go - 6)
+            advice = ("; that is long: for a quick run try --model vit_t16, or a GPU with --device cuda"
+                      if self.ctx.device.type == "cpu" and seconds > LONG_RUN_S else "")
+            self.ctx.log(f"{per_step:.2f} s a step: about {fmt_time(seconds)} for the {self.steps_to_go - 6:,} steps "
+                         f"to go, without testing{advice}")
 
 
 # ---------------------------------------------------------------------------------------------------
-# Distributed, checkpoints, signals
+# Processes, files, stop requests
 
 
-def setup_distributed(device_name):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is one process. Under torchrun a
-    second, CPU (gloo) group carries control messages: stop requests and barriers that may wait out a
-    download, without a GPU sync or NCCL's timeout."""
-    if "RANK" not in os.environ:
-        return torch.device(device_name), 0, 1, None
-    cuda = device_name.startswith("cuda")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    control = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2))
-    return torch.device(f"cuda:{local_rank}" if cuda else "cpu"), dist.get_rank(), dist.get_world_size(), control
+def setup_distributed(device_name, workers):
+    """Where this process runs. torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is one process.
+    Under torchrun a second, CPU (gloo) group carries control messages: stop requests and barriers that may
+    wait out a download, without a GPU sync or NCCL's timeout. Only the first process logs."""
+    ctx = SimpleNamespace(device=torch.device(device_name), rank=0, world=1, control=None, workers=workers, log=print)
+    if "RANK" in os.environ:
+        cuda = device_name.startswith("cuda")
+        dist.init_process_group("nccl" if cuda else "gloo")
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        ctx.device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+        ctx.rank, ctx.world = dist.get_rank(), dist.get_world_size()
+        ctx.control = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2))
+        ctx.log = print if ctx.rank == 0 else (lambda *a, **k: None)
+    return ctx
 
 
-def node_first(control, fn, *args):
+def node_first(ctx, fn, *args):
     """fn(*args) on each machine's first process, then on its others: a download into a shared folder
     happens once, and the others find it done."""
     first = os.environ.get("LOCAL_RANK", "0") == "0"
     result = fn(*args) if first else None
-    if control is not None:
-        dist.barrier(group=control)
+    if ctx.control is not None:
+        dist.barrier(group=ctx.control)
     return result if first else fn(*args)
 
 
-def rng_states(device, control, world):
-    """Every process's random state (CPU, and CUDA for dropout on a GPU), gathered for the checkpoint."""
-    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-    if world == 1:
-        return [state]
-    states = [None] * world
-    dist.all_gather_object(states, state, group=control)
-    return states
-
-
 def save_atomic(obj, path):
-    """Write to a temporary file, then rename: an interruption never leaves a half-written file."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """Text, or what torch.save takes, to a temporary file that then replaces `path`: an interruption or a
+    full disk never leaves a half-written file."""
+    try:
+        if isinstance(obj, str):
+            with open(path + ".tmp", "w") as f:
+                f.write(obj)
+        else:
+            torch.save(obj, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise UserError(f"could not write {path} ({getattr(e, 'strerror', None) or e}); what was there is intact") from None
+
+
+def read_saved(path, option, keys, what):
+    """A file train.py wrote, holding at least the entries `keys`; `what` names the kind expected."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{option} {path}: no such file") from None
+    except Exception:
+        raise UserError(f"{option} {path} is unreadable: it is {arc.describe_file(path)}") from None
+    if not isinstance(saved, dict) or not set(keys) <= saved.keys():
+        raise UserError(f"{option} {path} is not {what} written by train.py")
+    return saved
+
+
+def check_out(out, fresh):
+    """Fail now, not after an hour of decoding, when the output folder holds a run that a fresh one would
+    overwrite, or cannot be made or written."""
+    if fresh and any(os.path.exists(os.path.join(out, name)) for name in ("checkpoint.pth", "suite.json")):
+        raise UserError(f"{out} already holds a run: continue it with --resume {out}, or pass another --out")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file, not a folder: pass another --out")
+    parent = os.path.abspath(out)
+    while not os.path.isdir(parent):
+        if os.path.exists(parent):
+            raise UserError(f"--out {out}: {parent} is a file, so no folder can be made there; pass another --out")
+        parent = os.path.dirname(parent)
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=parent))  # what os.access cannot tell: a read-only mount, sysfs, a full disk
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write in {parent} ({e.strerror}); pass another --out") from None
 
 
 class StopFlag:
-    """While training, the first Ctrl-C or SIGTERM asks for a stop at the next step boundary; a second
-    one stops at once."""
+    """While training, the first Ctrl-C or SIGTERM asks for a stop at the next step; a second stops at once."""
 
     def __enter__(self):
         self.signum = 0
@@ -325,215 +498,9 @@ class StopFlag:
         return bool(self.signum)
 
 
-def read_saved(path, option, keys, what):
-    """A file train.py wrote, holding at least the entries `keys`; `what` names the kind expected."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{option} {path}: no such file") from None
-    except Exception as e:
-        raise UserError(f"{option} {path} is unreadable ({type(e).__name__}: {' '.join(str(e).split())})") from None
-    if not isinstance(saved, dict) or not set(keys) <= saved.keys():
-        raise UserError(f"{option} {path} is not {what} written by train.py")
-    return saved
-
-
-def read_run_checkpoint(path, world):
-    if os.path.isdir(path):
-        path = os.path.join(path, "checkpoint.pth")
-    path = os.path.abspath(path)
-    checkpoint = read_saved(path, "--resume", ("config", "trained", "optimizer", "rng"), "a checkpoint.pth (adapters.pth "
-                            "and folded.pth hold results, not a run to continue)")
-    if len(checkpoint["rng"]) != world:
-        raise UserError(f"--resume: {path} was written by {len(checkpoint['rng'])} process(es); resume it with as "
-                        f"many (torchrun --nproc_per_node={len(checkpoint['rng'])} for several)")
-    return checkpoint, path
-
-
-# ---------------------------------------------------------------------------------------------------
-# The run
-
-
-def train(args):
-    started = time.time()
-    device, rank, world, control = setup_distributed(args.device)
-    is_main = rank == 0
-    log = print if is_main else (lambda *a, **k: None)
-    args.data_dir = args.data_dir or "./data"
-    config = {k: getattr(args, k) for k in RUN_ARGS}
-    resume = None
-    if args.resume:
-        resume, resume_path = read_run_checkpoint(args.resume, world)
-        changed = [k for k in RUN_ARGS if resume["config"].get(k) != config[k]]
-        if changed:
-            raise UserError(f"--resume {resume_path} comes from another run: " + ", ".join(
-                f"--{k.replace('_', '-')} {resume['config'].get(k)} there, {config[k]} here" for k in changed)
-                + "; give the same options, or start a new run with another --out")
-        args.out = os.path.dirname(resume_path)
-    elif any(os.path.exists(os.path.join(args.out, f)) for f in ("checkpoint.pth", "metrics.jsonl", "adapters.pth")):
-        raise UserError(f"{args.out} already holds a run: continue it with --resume {args.out}, or pass another --out")
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} must divide evenly over {world} processes")
-    with torch.device("meta"):  # check the options against the model now, not after decoding the dataset
-        build_model(config, num_classes=1)
-    weights = node_first(control, weights_path, args.weights, args.model)
-
-    torch.manual_seed(args.seed)
-    task = node_first(control, data.build, args.data, args.data_dir, args.img_size, args.workers)
-    model = build_model(config, task.num_classes)
-    load_weights(model, args.model, weights)
-    trainable = mark_trainable(model, args.method)
-    model.to(device)
-    if world > 1:
-        torch.manual_seed(args.seed + rank)  # each process its own dropout; DDP gives all rank 0's weights
-    train_batches = Batches(task.train, device, args.workers, args.img_size)
-    test_batches = Batches(task.test, device, args.workers, args.img_size)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
-    steps_per_epoch = math.ceil(len(train_batches) / args.batch_size)
-    warmup, total = args.warmup_epochs * steps_per_epoch, args.epochs * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (step + 1) / warmup if step < warmup else
-                                                 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
-    start_epoch, start_step, best, elapsed = 0, 0, None, 0.0
-    if resume:
-        load_trained_tensors(model, resume["trained"], resume_path)
-        optimizer.load_state_dict(resume["optimizer"])
-        schedule.load_state_dict(resume["schedule"])
-        torch.set_rng_state(resume["rng"][rank]["cpu"])
-        if device.type == "cuda" and resume["rng"][rank]["cuda"] is not None:
-            torch.cuda.set_rng_state(resume["rng"][rank]["cuda"], device)
-        start_epoch, start_step, best, elapsed = resume["epoch"], resume["step"], resume["best"], resume["elapsed"]
-        log(f"resuming {resume_path} at epoch {start_epoch + 1}, step {start_step}")
-    net = model
-    if world > 1:  # buffers (Swin's masks) are rebuilt identically by every process: no need to broadcast them
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      broadcast_buffers=False)
-    if is_main:
-        os.makedirs(args.out, exist_ok=True)
-    log(f"{task.description}\n{args.model} {args.method}: {trainable:,} trainable parameters; {world} process(es) "
-        f"on {device}{', bf16 autocast' if device.type == 'cuda' else ''}; output in {args.out}")
-
-    def checkpoint(epoch, step, loss_sum=0.0):
-        rng = rng_states(device, control, world)  # a collective: every process takes part
-        if is_main:
-            save_atomic({"config": config, "trained": trained_tensors(model), "optimizer": optimizer.state_dict(),
-                         "schedule": schedule.state_dict(), "rng": rng, "epoch": epoch, "step": step,
-                         "loss_sum": loss_sum, "best": best, "elapsed": elapsed}, os.path.join(args.out, "checkpoint.pth"))
-
-    with StopFlag() as stop:
-        for epoch in range(start_epoch, args.epochs):
-            t0 = time.time()
-            done = start_step if epoch == start_epoch else 0
-            batches = shares(epoch_order(len(train_batches), args.seed, epoch), args.batch_size, rank, world)
-            sizes = [min(args.batch_size, len(train_batches) - i * args.batch_size) for i in range(len(batches))]
-            loss_sum = torch.full((), resume["loss_sum"] if resume and done and is_main else 0.0, device=device)
-            first_nonfinite = torch.full((), len(batches), device=device)  # len(batches): none so far
-            for step, (images, labels) in enumerate(train_batches(batches[done:], seed=args.seed * 1000 + epoch),
-                                                    start=done):
-                # A sum over this process's share scaled to the global batch: DDP's gradient mean is then
-                # exactly the single-process gradient, even for an uneven last batch.
-                loss = train_step(net, optimizer, params, images, labels, world / sizes[step])
-                lr = optimizer.param_groups[0]["lr"]
-                schedule.step()
-                loss_sum += loss / world
-                first_nonfinite = torch.where(torch.isfinite(loss), first_nonfinite, first_nonfinite.clamp(max=step))
-                if stop.is_set(control) and step + 1 < len(batches):
-                    check_finite(first_nonfinite, len(batches), epoch, args.out, world)
-                    elapsed += time.time() - t0
-                    if world > 1:
-                        dist.all_reduce(loss_sum)
-                    checkpoint(epoch, step + 1, loss_sum.item())
-                    raise Interrupted(stop.signum, epoch, step + 1, args.out, world)
-            check_finite(first_nonfinite, len(batches), epoch, args.out, world)
-            if world > 1:
-                dist.all_reduce(loss_sum)
-            epoch_loss = loss_sum.item() / len(batches)  # the epoch's one host sync
-            elapsed += time.time() - t0
-            metrics = {"epoch": epoch + 1, "loss": round(epoch_loss, 5), "lr": lr,
-                       "images_per_s": round(sum(sizes[done:]) / (time.time() - t0), 1), "elapsed_s": round(elapsed, 1)}
-            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-                metrics["test_acc"] = round(evaluate(net, test_batches, 4 * args.batch_size, rank, world), 2)
-                best = max(best or 0.0, metrics["test_acc"])
-            eta = elapsed / (epoch + 1) * (args.epochs - epoch - 1)
-            log(f"epoch {epoch + 1:3d}/{args.epochs}  loss {epoch_loss:.4f}  lr {lr:.2e}  "
-                f"{metrics['images_per_s']:7.1f} img/s  elapsed {fmt_time(elapsed)}  eta {fmt_time(eta)}"
-                + (f"  test {metrics['test_acc']:.2f}%" if "test_acc" in metrics else ""))
-            if is_main:
-                with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-            checkpoint(epoch + 1, 0)
-            if stop.is_set(control) and epoch + 1 < args.epochs:
-                raise Interrupted(stop.signum, epoch + 1, 0, args.out, world)
-
-    finish(args, config, model, task, test_batches, rank, world, best, elapsed, trainable, log, started)
-
-
-def finish(args, config, model, task, test_batches, rank, world, best, elapsed, trainable, log, started):
-    """Final accuracy, adapter checkpoint, folding, folded accuracy, summary. The two final accuracies are
-    computed in float32: under bf16 a near-tie can round differently in the folded and unfolded model."""
-    accuracy = evaluate(model, test_batches, 4 * args.batch_size, rank, world, bf16=False)
-    meta = {**config, "data_dir": args.data_dir, "num_classes": task.num_classes}
-    if rank == 0:
-        save_atomic({"config": meta, "state_dict": trained_tensors(model)}, os.path.join(args.out, "adapters.pth"))
-    if args.method in ("arc", "arc_att"):
-        arc.reparameterize(model)
-        folded_accuracy = evaluate(model, test_batches, 4 * args.batch_size, rank, world, bf16=False)
-        log(f"\ntest accuracy {accuracy:.2f}% with adapters, {folded_accuracy:.2f}% folded into the weights"
-            + (" (they agree)" if abs(accuracy - folded_accuracy) < 0.1 else " (MISMATCH: please report this)"))
-    if rank == 0:  # the plain architecture, whatever the method: --eval-only reads it as "folded"
-        save_atomic({"config": {**meta, "method": "folded", "trained_with": args.method}, "state_dict": model.state_dict()},
-                    os.path.join(args.out, "folded.pth"))
-        size = os.path.getsize(os.path.join(args.out, "adapters.pth")) / 1e6
-        print(f"summary: {args.model} {args.method} on {args.data}: {trainable:,} trainable parameters, final test "
-              f"accuracy {accuracy:.2f}%, best over evaluated epochs {best:.2f}% (selected on the test set, as the "
-              f"official code reports), {fmt_time(elapsed)} training, {fmt_time(time.time() - started)} wall time in "
-              f"this process\nsaved {args.out}/adapters.pth ({size:.2f} MB) and {args.out}/folded.pth")
-
-
-def eval_only(args):
-    """Rebuild the run a checkpoint records (model, method, data, image size) and test it. --data-dir, when
-    given, says where its data is now."""
-    device = torch.device(args.device)
-    saved = read_saved(args.checkpoint, "--checkpoint", ("config", "state_dict"), "an adapters.pth or folded.pth")
-    config, state_dict = saved["config"], saved["state_dict"]
-    torch.manual_seed(config["seed"])  # with --weights none the frozen backbone is the seed's random init
-    task = data.build(config["data"], args.data_dir or config["data_dir"], config["img_size"], args.workers)
-    if config["method"] == "folded":
-        model = build_model({**config, "method": "full"}, task.num_classes)
-        try:
-            model.load_state_dict(state_dict)
-        except RuntimeError as e:
-            raise UserError(f"--checkpoint {args.checkpoint} does not fit {config['model']}: "
-                            f"{' '.join(str(e).split())[:300]}") from None
-    else:
-        model = build_model(config, task.num_classes)
-        load_weights(model, config["model"], weights_path(config["weights"], config["model"]))
-        mark_trainable(model, config["method"])
-        load_trained_tensors(model, state_dict, args.checkpoint)
-    batches = Batches(task.test, device, args.workers, config["img_size"])
-    accuracy = evaluate(model.to(device), batches, 4 * args.batch_size, bf16=False)
-    print(f"{args.checkpoint}: {config['model']} {config['method']} on {config['data']}: test accuracy {accuracy:.2f}%")
-    return accuracy
-
-
-def check_finite(first_nonfinite, none, epoch, out, world):
-    """Stop when any process saw a nan or infinite loss (its gradient has reached every process)."""
-    if world > 1:
-        dist.all_reduce(first_nonfinite, op=dist.ReduceOp.MIN)
-    step = int(first_nonfinite)
-    if step < none:
-        raise UserError(f"the loss became nan or infinite at epoch {epoch + 1}, step {step + 1}; the last good "
-                        f"checkpoint ({out}/checkpoint.pth) is untouched. Try a lower --lr")
-
-
 class Interrupted(Exception):
-    def __init__(self, signum, epoch, step, out, world):
-        argv = [a for i, a in enumerate(sys.argv) if not (a.startswith("--resume") or sys.argv[i - 1] == "--resume")]
-        launcher = f"torchrun --nproc_per_node={world}" if world > 1 else "python"
-        resume = " ".join(shlex.quote(a) for a in argv + ["--resume", out])
-        where = f"after step {step} of epoch {epoch + 1}" if step else f"at the end of epoch {epoch}"
-        super().__init__(f"stopped by {signal.Signals(signum).name} {where}; saved {out}/checkpoint.pth. "
-                         f"Continue with:\n  {launcher} {resume}")
+    def __init__(self, signum, epochs_done):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after {epochs_done} epoch(s)")
         self.exit_code = 128 + signum
 
 
@@ -541,10 +508,329 @@ def fmt_time(seconds):
     return time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 
+# ---------------------------------------------------------------------------------------------------
+# A run: its state, the loop, the end
+
+
+class Run(SimpleNamespace):
+    """One run's state: ctx (where this process runs), cfg (settings), out (its folder), model, task,
+    optimizer, history (a metrics dict per finished epoch), seconds (where the time went)."""
+
+    def save(self):
+        """checkpoint.pth, then metrics.jsonl rewritten from the same history: killed between the two, the
+        run resumes from the checkpoint and writes the log again, so every epoch has exactly one line."""
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.ctx.device)
+               if self.ctx.device.type == "cuda" else None}
+        states = [rng]
+        if self.ctx.world > 1:  # every process's random state (its dropout), gathered: a collective
+            states = [None] * self.ctx.world
+            dist.all_gather_object(states, rng, group=self.ctx.control)
+        if self.ctx.rank == 0:
+            save_atomic({"config": vars(self.cfg), "trained": trained_tensors(self.model), "rng": states,
+                         "optimizer": self.optimizer.state_dict(), "history": self.history}, self.path("checkpoint.pth"))
+            save_atomic("".join(json.dumps(m) + "\n" for m in self.history), self.path("metrics.jsonl"))
+
+    def restore(self, checkpoint):
+        load_trained_tensors(self.model, checkpoint["trained"], self.path("checkpoint.pth"))
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        rng = checkpoint["rng"][self.ctx.rank]
+        torch.set_rng_state(rng["cpu"])
+        if self.ctx.device.type == "cuda" and rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"], self.ctx.device)
+        self.history = checkpoint["history"]
+        if checkpoint["config"]["epochs"] != self.cfg.epochs:
+            self.history[-1]["schedule"] = f"then extended from {checkpoint['config']['epochs']} to {self.cfg.epochs} epochs"
+            self.ctx.log(f"extending the run: the cosine schedule is recomputed for {self.cfg.epochs} epochs")
+        self.ctx.log(f"resuming {self.out} after epoch {len(self.history)}")
+
+    def path(self, name):
+        return os.path.join(self.out, name)
+
+
+def run_task(given, out, ctx, resume=None, task=None):
+    """One run into `out`, fresh or continued from `resume` (a folder or its checkpoint.pth); returns its result.
+    The cheap checks come first (settings, the folder, the data's presence), then the weights (perhaps a
+    download), then the data (decoding). `task`: a data.Task to use instead of --data (bench.py)."""
+    started = time.time()
+    checkpoint = read_checkpoint(resume, ctx.world) if resume else None
+    cfg, sources, recipe_name = settings(given, checkpoint and checkpoint["config"])
+    if checkpoint:
+        check_resume(given, checkpoint["config"], len(checkpoint["history"]), out)
+    check_out(out, fresh=not checkpoint)
+    with torch.device("meta"):  # the options against the model, before any data is decoded
+        build_model(cfg, num_classes=1)
+    ctx.log(f"{cfg.data}: {cfg.model} {cfg.method}, {recipe_name} recipe; " + ", ".join(
+        f"{key} {getattr(cfg, key)} ({sources[key]})" for key in RUN_KEYS[4:] if sources[key] != "n/a"))
+    if checkpoint and len(checkpoint["history"]) == cfg.epochs and os.path.exists(os.path.join(out, "adapters.pth")):
+        ctx.log(f"{out} has finished its {cfg.epochs} epochs (--resume with more --epochs trains it for longer)")
+        return read_saved(os.path.join(out, "adapters.pth"), "--resume", ("config",), "an adapters.pth")["config"]["result"]
+    if task is None:
+        check_data(cfg)
+    weights = node_first(ctx, weights_file, cfg.weights, cfg.model)  # a download comes before the decoding
+    cfg.weights_bytes = os.path.getsize(weights) if weights else 0
+    task = task or node_first(ctx, data.build, cfg.data, cfg.data_dir, cfg.img_size, ctx.workers, ctx.log)
+    model = prepare_model(cfg, task.num_classes, weights)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ctx.log(f"{task.description}\n{cfg.model} {cfg.method}: {sum(p.numel() for p in params):,} trainable parameters; "
+            f"{ctx.world} process(es) on {ctx.device}{', bf16 autocast' if ctx.device.type == 'cuda' else ''}; "
+            f"output in {out}")
+    if ctx.rank == 0:
+        os.makedirs(out, exist_ok=True)
+    run = Run(ctx=ctx, cfg=cfg, out=out, model=model.to(ctx.device), task=task, history=[], params=params,
+                optimizer=torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=ctx.device.type == "cuda"),
+                seconds={"setup": time.time() - started})
+    if checkpoint:
+        run.restore(checkpoint)
+    train(run)
+    return finish(run)
+
+
+def read_checkpoint(path, world):
+    """The checkpoint.pth of the run folder --resume names (or that file itself)."""
+    folder, path = (path, os.path.join(path, "checkpoint.pth")) if os.path.isdir(path) else (os.path.dirname(path), path)
+    if os.path.isdir(folder) and not os.path.exists(path):
+        raise UserError(f"--resume {folder}: no checkpoint.pth there, so no finished epoch to continue; start the "
+                        f"run again without --resume")
+    checkpoint = read_saved(path, "--resume", ("config", "trained", "optimizer", "rng", "history"),
+                            "a checkpoint.pth (adapters.pth and folded.pth hold results, not a run to continue)")
+    if len(checkpoint["rng"]) != world:
+        raise UserError(f"--resume: {path} was written by {len(checkpoint['rng'])} process(es); resume it with as "
+                        f"many (torchrun --nproc_per_node={len(checkpoint['rng'])} for several)")
+    return checkpoint
+
+
+def check_resume(given, saved, done, out):
+    """A run continues with its own settings. The command line may say where its files are now, how often to
+    test, and --epochs, which may grow: the schedule is then recomputed for the new length."""
+    changed = [key for key in RUN_KEYS if key in given and given[key] != saved[key]
+               and key not in ("epochs", "weights") and not (key == "data" and is_path(given[key]))]
+    if changed:
+        raise UserError(f"--resume {out} comes from another run: " + ", ".join(
+            f"--{flag(key)} {saved[key]} there, {given[key]} here" for key in changed)
+            + "; give the same options, or start a new run with another --out")
+    if given.get("epochs", done) < done:
+        raise UserError(f"--resume {out} has done {done} epochs already: --epochs {given['epochs']} is fewer")
+    check_weights(given, saved, f"--resume {out}")
+
+
+def check_weights(given, saved, what):
+    """A run continues, or is tested, with its own weights: --weights may say where they are now (the same
+    file, so the same size), not name others."""
+    weights = given.get("weights", "auto")
+    size = 0 if weights == "none" else os.path.getsize(weights) if os.path.isfile(weights) else None
+    if weights != "auto" and size is not None and size != saved["weights_bytes"]:
+        describe = lambda name, n: f"{name} ({n:,} bytes)" if n else name
+        raise UserError(f"{what}: --weights {describe(saved['weights'], saved['weights_bytes'])} there, "
+                        f"{describe(weights, size)} here; give the run's own weights")
+
+
+# Buffers (Swin's masks) are rebuilt alike by every process, so DDP need not sync them at each forward.
+# torch 2.13 renamed the option.
+NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                  inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
+
+
+def train(run):
+    """The loop: for each epoch, for each batch: learning rate, forward, loss, backward, clip, step; then
+    test, save and log."""
+    ctx, cfg, model, optimizer = run.ctx, run.cfg, run.model, run.optimizer
+    net = model if ctx.world == 1 else DistributedDataParallel(
+        model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, **NO_BUFFER_SYNC)
+    train_data, test_data = (data.Loader(split, ctx.device, ctx.workers) for split in (run.task.train, run.task.test))
+    steps = math.ceil(len(train_data) / cfg.batch_size)
+    pace = Pace(ctx, (cfg.epochs - len(run.history)) * steps)
+    with StopFlag() as stop, frozen_in_bf16(model, ctx.device.type == "cuda"):
+        for epoch in range(len(run.history), cfg.epochs):
+            started, loss = time.time(), LossMeter(ctx, steps)
+            order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+            indices, weights = shares(order, cfg.batch_size, ctx)
+            for step, (images, labels) in enumerate(train_data(indices, seed=cfg.seed * 1000 + epoch)):
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(epoch * steps + step, cfg, steps)
+                loss.add(step, train_step(net, optimizer, run.params, images, labels, weights[step]))
+                pace.step()
+                if stop.is_set(ctx.control):
+                    raise Interrupted(stop.signum, epoch)
+            metrics = {"epoch": epoch + 1, "loss": loss.mean(epoch, run.out), "lr": optimizer.param_groups[0]["lr"],
+                       "train_s": round(time.time() - started, 2)}
+            metrics["images_per_s"] = round(len(train_data) / metrics["train_s"], 1)
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                metrics["test_acc"] = evaluate(model, test_data, 4 * cfg.batch_size, ctx)
+                metrics["test_s"] = round(time.time() - started - metrics["train_s"], 2)
+            metrics["elapsed_s"] = round(time.time() - started + (run.history[-1]["elapsed_s"] if run.history else 0), 1)
+            run.history.append(metrics)
+            run.save()
+            log_epoch(ctx, metrics, cfg.epochs)
+            if stop.is_set(ctx.control) and epoch + 1 < cfg.epochs:
+                raise Interrupted(stop.signum, epoch + 1)
+
+
+def log_epoch(ctx, metrics, epochs):
+    eta = metrics["elapsed_s"] / metrics["epoch"] * (epochs - metrics["epoch"])
+    ctx.log(f"epoch {metrics['epoch']:3d}/{epochs}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
+            f"{metrics['images_per_s']:7.1f} img/s  elapsed {fmt_time(metrics['elapsed_s'])}  eta {fmt_time(eta)}"
+            + (f"  test {metrics['test_acc']:.2f}%" if "test_acc" in metrics else ""))
+
+
+def finish(run):
+    """adapters.pth; the adapters folded into the weights, checked on test images; folded.pth; a summary.
+    Returns the result: final and best accuracy, trainable parameters, seconds."""
+    started, tested = time.time(), [m["test_acc"] for m in run.history if "test_acc" in m]
+    result = {"final": tested[-1], "best": max(tested), "trainable": sum(p.numel() for p in run.params),
+              "seconds": {"setup": round(run.seconds["setup"], 1), "training": round(sum(m["train_s"] for m in run.history), 1),
+                          "testing": round(sum(m.get("test_s", 0) for m in run.history), 1)}}
+    record = {**vars(run.cfg), "classes": run.task.classes, "result": result}
+    if run.ctx.rank == 0:
+        save_atomic({"config": record, "state_dict": trained_tensors(run.model)}, run.path("adapters.pth"))
+    if run.cfg.method in ("arc", "arc_att"):
+        run.ctx.log(fold_and_compare(run.model, data.Loader(run.task.test, run.ctx.device, run.ctx.workers)))
+    result["seconds"]["finish"] = round(time.time() - started, 1)
+    if run.ctx.rank == 0:  # the plain architecture, whatever the method: --eval-only reads it as "folded"
+        save_atomic({"config": {**record, "method": "folded", "trained_with": run.cfg.method},
+                     "state_dict": run.model.state_dict()}, run.path("folded.pth"))
+        run.ctx.log(f"summary: {run.cfg.model} {run.cfg.method} on {run.cfg.data}: {result['trainable']:,} trainable "
+                    f"parameters, final test accuracy {result['final']:.2f}%, best over evaluated epochs "
+                    f"{result['best']:.2f}% (selected on the test set, as the official code reports), "
+                    f"{fmt_time(run.history[-1]['elapsed_s'])} training and testing\nsaved {run.path('adapters.pth')} "
+                    f"({os.path.getsize(run.path('adapters.pth')) / 1e6:.2f} MB) and {run.path('folded.pth')}")
+    return result
+
+
+@torch.no_grad()
+def fold_and_compare(model, loader, n=64):
+    """Fold the adapters into the weights, comparing float32 logits of the first n test images before and
+    after: cheaper than testing twice, and no bf16 near-tie can hide or fake a difference."""
+    model.eval()
+    images = data.normalize(next(loader([torch.arange(min(n, len(loader)))]))[0])
+    before = model(images)
+    arc.reparameterize(model)
+    gap, scale = torch.stack([(model(images) - before).abs().max(), before.abs().max()]).tolist()
+    agree = "(they agree)" if gap <= 1e-3 * scale + 1e-5 else "MISMATCH: please report this"
+    return (f"adapters folded into the weights: float32 logits of {len(images)} test images within {gap:.1e} of the "
+            f"unfolded model's (largest {scale:.2f}) {agree}")
+
+
+def eval_only(args, given, ctx):
+    """Rebuild the model a checkpoint records and test it; the command line may say where its data and
+    weights are now."""
+    saved = read_saved(args.checkpoint, "--checkpoint", ("config", "state_dict"), "an adapters.pth or folded.pth")
+    cfg = SimpleNamespace(**{**saved["config"], **{k: v for k, v in given.items() if k in ("data_dir", "weights")}})
+    cfg.data = given["data"] if "data" in given and is_path(cfg.data) else cfg.data
+    check_data(cfg)
+    if cfg.method == "folded":
+        model = build_model(SimpleNamespace(**{**vars(cfg), "method": "full"}), len(cfg.classes))
+        try:
+            model.load_state_dict(saved["state_dict"])
+        except RuntimeError as e:
+            raise UserError(f"--checkpoint {args.checkpoint} does not fit {cfg.model}: {' '.join(str(e).split())[:300]}") from None
+    else:
+        if cfg.weights not in ("auto", "none") and not os.path.isfile(cfg.weights):
+            raise UserError(f"--checkpoint {args.checkpoint} was trained from --weights {cfg.weights}, which is not "
+                            f"there now: pass --weights with where it is")
+        check_weights(given, saved["config"], f"--checkpoint {args.checkpoint}")
+        model = prepare_model(cfg, len(cfg.classes), weights_file(cfg.weights, cfg.model))
+        load_trained_tensors(model, saved["state_dict"], args.checkpoint)
+    task = data.build(cfg.data, cfg.data_dir, cfg.img_size, ctx.workers, ctx.log)
+    accuracy = evaluate(model.to(ctx.device), data.Loader(task.test, ctx.device, ctx.workers), 4 * cfg.batch_size, ctx)
+    print(f"{args.checkpoint}: {cfg.model} {cfg.method} on {cfg.data}: test accuracy {accuracy:.2f}%")
+    return accuracy
+
+
+# ---------------------------------------------------------------------------------------------------
+# Suites: the paper's tables
+
+
+PAPER = {  # the ARC paper's ViT-B/16 accuracies (ARC.md section 4), shown beside vit_b16 arc results
+    "cifar": 72.2, "caltech101": 90.1, "dtd": 72.7, "oxford_flowers102": 99.0, "oxford_iiit_pet": 91.0, "svhn": 91.9,
+    "sun397": 54.4, "patch_camelyon": 84.9, "eurosat": 95.7, "resisc45": 86.7, "diabetic_retinopathy": 75.8,
+    "clevr_count": 80.7, "clevr_dist": 67.1, "dmlab": 48.7, "kitti": 81.6, "dsprites_loc": 79.2, "dsprites_ori": 51.0,
+    "smallnorb_azi": 31.4, "smallnorb_ele": 39.9, "cub": 88.5, "nabirds": 85.3, "flowers": 99.3, "dogs": 91.9,
+    "cars": 85.7,
+}
+
+
+def suite_tasks(name):
+    """The tasks of a suite (vtab-1k, fgvc) or of a comma-separated list; None for a single task."""
+    return data.SUITES.get(name) or ([t.strip() for t in name.split(",") if t.strip()] if "," in name else None)
+
+
+def run_suite(given, out, ctx, resume):
+    """Each task in turn, in its own subfolder of `out`, with its own recipe; results.md and results.json
+    after every task. Resumed, it skips finished tasks and continues the others."""
+    suite_file = os.path.join(out, "suite.json")
+    if resume and not os.path.isfile(suite_file):
+        raise UserError(f"--resume {out}: no suite.json there, so it is not a suite's folder")
+    if resume:
+        with open(suite_file) as f:
+            given = {**json.load(f), **given}
+    tasks, data_dir = suite_tasks(given["data"]), given.setdefault("data_dir", os.path.abspath(DEFAULTS["data_dir"]))
+    missing = [f"{task} (looked in {data.missing(task, data_dir)})" for task in tasks if data.missing(task, data_dir)]
+    if missing:
+        raise UserError(f"no data for {len(missing)} of the {len(tasks)} tasks: {', '.join(missing)}. Put it there, or "
+                        f"run the others: --data {','.join(t for t in tasks if not data.missing(t, data_dir))}")
+    check_out(out, fresh=not resume)
+    if ctx.rank == 0:
+        os.makedirs(out, exist_ok=True)
+        save_atomic(json.dumps(given, indent=1), suite_file)
+    results = {}
+    for task in tasks:
+        folder = os.path.join(out, task)
+        resumable = os.path.exists(os.path.join(folder, "checkpoint.pth"))
+        results[task] = run_task({**given, "data": task}, folder, ctx, folder if resumable else None)
+        if ctx.rank == 0:
+            write_results(out, results, given.get("model", DEFAULTS["model"]), given.get("method", DEFAULTS["method"]))
+
+
+def write_results(out, results, model, method):
+    """results.json and results.md: each task's final and best accuracy, the VTAB-1k group means, the mean of
+    all tasks (of the task accuracies, as the paper's 73.4: not of the group means), and beside them the
+    paper's ARC figures for the same tasks when the run is the paper's (vit_b16, arc)."""
+    mean = lambda values: round(sum(values) / len(values), 2)
+    groups = {g: [t for t in tasks if t in results] for g, tasks in data.VTAB_GROUPS.items() if set(tasks) & set(results)}
+    summary = {"tasks": results, "groups": {g: mean([results[t]["final"] for t in ts]) for g, ts in groups.items()},
+               "mean": mean([r["final"] for r in results.values()])}
+    paper = (model, method) == ("vit_b16", "arc") and set(results) <= set(PAPER)
+    if paper:
+        summary["paper"] = {"tasks": {t: PAPER[t] for t in results}, "mean": mean([PAPER[t] for t in results]),
+                            "groups": {g: mean([PAPER[t] for t in ts]) for g, ts in groups.items()}}
+    save_atomic(json.dumps(summary, indent=1), os.path.join(out, "results.json"))
+
+    def row(name, final, best=None, reference=0.0, trainable="", seconds=""):
+        cells = [name, f"{final:.2f}", f"{best:.2f}" if best is not None else ""]
+        return "| " + " | ".join(cells + [f"{reference:.1f}", f"{final - reference:+.2f}"] * paper + [trainable, seconds]) + " |"
+    lines = [f"# ARC: {model}, {method}", "", "Top-1 test accuracy (%). **final**: after the last epoch, the honest "
+             "figure. **best**: the best of the evaluated epochs, selected on the test set, as the official code reports "
+             "(its protocol tests every epoch: `--eval-every 1`)." + " **paper**: the ARC paper's ViT-B/16 figures." * paper,
+             "", "| task | final | best (test-selected) | " + "paper | final - paper | " * paper + "trainable | training + "
+             "testing |", "|---" * (5 + 2 * paper) + "|"]
+    ungrouped = [t for t in results if not any(t in ts for ts in groups.values())]
+    for group, tasks in [*groups.items(), ("", ungrouped)]:
+        for t in tasks:
+            lines.append(row(t, results[t]["final"], results[t]["best"], PAPER.get(t, 0.0), f"{results[t]['trainable']:,}",
+                             fmt_time(results[t]["seconds"]["training"] + results[t]["seconds"]["testing"])))
+        if group:
+            lines.append(row(f"**{group} mean** ({len(tasks)} tasks)", summary["groups"][group],
+                             reference=paper and summary["paper"]["groups"][group]))
+    lines.append(row(f"**mean of all {len(results)} tasks**", summary["mean"], reference=paper and summary["paper"]["mean"]))
+    save_atomic("\n".join(lines) + "\n", os.path.join(out, "results.md"))
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
 def main(argv=None):
-    args = parse_args(argv)
+    args, given = parse_args(argv)
+    ctx = setup_distributed(args.device, args.workers)
+    resume = args.resume and os.path.abspath(args.resume)
+    folder = resume and (resume if os.path.isdir(resume) else os.path.dirname(resume))
+    suite = os.path.isfile(os.path.join(folder or "", "suite.json")) or suite_tasks(given.get("data", ""))
+    name = "_".join([os.path.basename(os.path.normpath(given.get("data", DEFAULTS["data"]))).replace(",", "+"),
+                     given.get("model", DEFAULTS["model"]), given.get("method", DEFAULTS["method"])])
+    out = folder or args.out or os.path.join("runs", name)
     try:
-        return eval_only(args) if args.eval_only else train(args)
+        if args.eval_only:
+            return eval_only(args, given, ctx)
+        return run_suite(given, out, ctx, bool(resume)) if suite else run_task(given, out, ctx, resume)
     except (UserError, data.DataError) as e:
         message = str(e)
         if isinstance(e, data.DataError) and "Traceback" in message:  # raised in a DataLoader worker, wrapped
@@ -552,11 +838,13 @@ def main(argv=None):
         print(f"error: {' '.join(message.split())}", file=sys.stderr)
         sys.exit(1)
     except Interrupted as e:
-        print(f"\n{e}", file=sys.stderr)
+        argv = [a for i, a in enumerate(sys.argv) if not (a.startswith("--resume") or sys.argv[i - 1] == "--resume")]
+        launcher = f"torchrun --nproc_per_node={ctx.world}" if ctx.world > 1 else "python"
+        print(f"\n{e}: {out}/checkpoint.pth holds them (an epoch in progress starts again). Continue with:\n  "
+              f"{launcher} {' '.join(shlex.quote(a) for a in argv + ['--resume', out])}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:  # before training began, or a second Ctrl-C: checkpoints are written atomically
-        print(f"\nstopped at once; {args.out}/checkpoint.pth, if there is one, holds the last completed epoch",
-              file=sys.stderr)
+        print("\nstopped at once; checkpoint.pth, if there is one, holds the last completed epoch", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
     finally:
         if dist.is_initialized():
