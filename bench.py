@@ -96,13 +96,14 @@ def dtd_run(args, device):
     split = lambda n: data.Preloaded(torch.randint(0, 256, (n, 3, args.img_size, args.img_size), dtype=torch.uint8,
                                                    generator=generator), torch.arange(n) % 47)
     task = data.Task(split(1000), split(1880), [str(k) for k in range(47)], "random pixels shaped as VTAB-1k DTD: 1,000 train / 1,880 test images, 47 classes")
-    given = {"data": "dtd", "model": args.model, "img_size": args.img_size, "weights": "none", "epochs": args.epochs}
+    given = {"data": "dtd", "model": args.model, "img_size": args.img_size, "weights": "none", "epochs": args.epochs,
+             "batch_size": args.batch_size}
     ctx = train.setup_distributed(args.device, workers=0)
     started = time.time()
     with tempfile.TemporaryDirectory() as out:
         result = train.run_task(given, out, ctx, task=task)
     wall, seconds = time.time() - started, result["seconds"]
-    print(f"\nDTD-shaped run, {args.model}, {args.img_size} px, {args.epochs} epochs on {machine(device)}:")
+    print(f"\nDTD-shaped run, {args.model}, {args.img_size} px, {args.epochs} epoch(s) on {machine(device)}:")
     for part, what in (("setup", "start-up: model, weights, data to the device"),
                        ("training", f"training: {1000 * args.epochs / seconds['training']:.0f} images/s"),
                        ("testing", "testing: every 10 epochs and after the last"),
@@ -122,13 +123,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", choices=["dtd"], help="time a whole run instead of single steps")
     p.add_argument("--epochs", type=int, default=100, help="for --run")
-    p.add_argument("--model", default="vit_t16", choices=sorted(train.MODELS))
-    p.add_argument("--img-size", type=int, default=64)
+    p.add_argument("--model", choices=sorted(train.MODELS), help="default: vit_t16, or vit_b16 for --run")
+    p.add_argument("--img-size", type=int, help="default: 64, or 224 for --run")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    args.model = args.model or ("vit_b16" if args.run else "vit_t16")
+    args.img_size = args.img_size or (224 if args.run else 64)
     device = torch.device(args.device)
     if args.run:
         return dtd_run(args, device)

@@ -39,6 +39,7 @@ import functools
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
@@ -121,16 +122,30 @@ class Loader:
         return len(self.split)
 
     def __call__(self, index_batches, seed=0):
+        if not index_batches:  # under torchrun, a small test set can leave a process nothing to test
+            return
         if isinstance(self.split, Preloaded):
             order = torch.cat(index_batches).to(self.device)  # one copy for the epoch, then slices of it
             for index in order.split([len(i) for i in index_batches]):
                 yield self.images[index], self.labels[index]
             return
         self.split.seed = seed
-        loader = DataLoader(self.split, batch_sampler=[i.tolist() for i in index_batches], num_workers=self.workers,
-                            pin_memory=self.device.type == "cuda", generator=torch.Generator())  # not dropout's RNG
+        loader = DataLoader(self.split, batch_sampler=[i.tolist() for i in index_batches], pin_memory=self.device.type
+                            == "cuda", generator=torch.Generator(), **workers_kw(self.workers))  # not dropout's RNG
         for images, labels in loader:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+
+def workers_kw(workers):
+    """DataLoader options for `workers` decoding processes, started by a fork server rather than forked from
+    this process: a fork taken while another thread holds a lock (torch.distributed's under torchrun, a
+    finished loader's queue feeder) can leave the worker hung at birth, and the whole run with it. The
+    server imports this module once, so a worker starts in milliseconds."""
+    if not workers or "forkserver" not in multiprocessing.get_all_start_methods():
+        return {"num_workers": workers}
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return {"num_workers": workers, "multiprocessing_context": context}
 
 
 @functools.cache
@@ -172,6 +187,11 @@ def missing(name, data_dir="./data"):
     return os.path.dirname(absent[0]) if absent else None
 
 
+def is_path(name):
+    """Whether --data names a folder rather than a dataset."""
+    return os.sep in name or "/" in name or os.path.isdir(name)
+
+
 def _kind(name, data_dir):
     if name == "synthetic":
         return "synthetic"
@@ -181,7 +201,7 @@ def _kind(name, data_dir):
         return "vtab"
     if name in FGVC_TASKS:
         return "fgvc"
-    if os.sep in name or "/" in name or os.path.isdir(name):
+    if is_path(name):
         return "folder"
     raise DataError(f"unknown dataset {name!r}: choose synthetic, a VTAB-1k task ({', '.join(VTAB_TASKS)}), "
                     f"an FGVC set ({', '.join(FGVC_TASKS)}), a suite ({', '.join(SUITES)}), or a path to a "
@@ -229,7 +249,7 @@ def _preload(samples, img_size, workers, split, log):
     images = torch.empty(len(paths), 3, img_size, img_size, dtype=torch.uint8)
     start, began = 0, time.time()
     show = log is not None and sys.stderr.isatty()
-    for batch, errors in DataLoader(_Decode(paths, img_size), batch_size=64, num_workers=workers):
+    for batch, errors in DataLoader(_Decode(paths, img_size), batch_size=64, **workers_kw(workers)):
         broken = [error for error in errors if error]
         if broken:
             raise DataError(broken[0])

@@ -9,7 +9,7 @@
     torchrun --nproc_per_node=4 train.py --data dtd # several GPUs; --batch-size stays the global batch
 
 A setting comes from the command line if given there; else, with --resume, from the run itself; else
-from the authors' recipe for the task and model (the tables below: what the official scripts ran). A
+from the authors' recipe for the task and model (what the official scripts ran; see the README). A
 run's folder gets metrics.jsonl (a line an epoch), checkpoint.pth (every epoch), adapters.pth (the
 trained tensors) and folded.pth (the plain model, adapters folded in); a suite gets a folder per task,
 and results.md and results.json after each task.
@@ -76,7 +76,8 @@ def recipe(task, model):
     vtab = {key: DEFAULTS[key] for key in RECIPE_KEYS}
     if model.startswith("swin"):
         lr, weight_decay = SWIN_VTAB.get(task, (vtab["lr"], vtab["weight_decay"]))
-        return "Swin VTAB-1k (train_ARC_swin.py)", {**vtab, **SWIN_RECIPE, "lr": lr, "weight_decay": weight_decay}
+        name = "Swin VTAB-1k" if task in SWIN_VTAB else f"Swin (no official {task} run: VTAB-1k's lr and weight decay)"
+        return f"{name} (train_ARC_swin.py)", {**vtab, **SWIN_RECIPE, "lr": lr, "weight_decay": weight_decay}
     if task in FGVC_RECIPES:
         return f"FGVC {task} (FGVC_ARC_train.py)", {**vtab, **FGVC_RECIPES[task]}
     return "VTAB-1k (vtab_ARC_train.py)", vtab
@@ -96,7 +97,7 @@ def settings(given, saved=None):
     if given.get(unused):
         raise UserError(f"--{flag(unused)} does not apply to {cfg['model']}: --vit-dropout is for ViTs, --drop-path for Swin")
     cfg[unused], sources[unused] = 0.0, "n/a"
-    if 0 < cfg["epochs"] <= cfg["warmup_epochs"]:
+    if 0 < cfg["epochs"] <= cfg["warmup_epochs"] and sources["warmup_epochs"] != "run":
         if sources["warmup_epochs"] == "command line":
             raise UserError(f"--warmup-epochs {cfg['warmup_epochs']} must be less than --epochs {cfg['epochs']}, "
                             f"or the learning rate never decays")
@@ -116,16 +117,12 @@ def flag(key):
     return key.replace("_", "-")
 
 
-def is_path(name):
-    return os.sep in name or "/" in name or os.path.isdir(name)
-
-
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """--help gives each option's default, or says that the task's recipe sets it."""
 
     def _get_help_string(self, action):
         if action.dest in RECIPE_KEYS:
-            return f"{action.help} (default: the task's recipe; {DEFAULTS[action.dest]} for VTAB-1k on a ViT)"
+            return f"{action.help} (default: the task's recipe)"
         default = DEFAULTS.get(action.dest, action.default)
         return action.help if default in (None, False, argparse.SUPPRESS) else f"{action.help} (default: {default})"
 
@@ -143,14 +140,14 @@ def parse_args(argv=None):
     add("--weights", "auto (the checkpoint the official runs used, downloaded into torch hub's cache), a path, or none")
     add("--method", "what trains", choices=["arc", "arc_att", "linear", "full"])
     add("--rank", "ARC bottleneck r", type=int)
-    add("--adapter-dropout", "dropout on the adapters' bottleneck", type=float)
-    add("--vit-dropout", "ViT dropout after the position embedding and in the MLP", type=float)
-    add("--drop-path", "Swin stochastic depth at the last block, rising from 0 at the first", type=float)
-    add("--lr", "AdamW peak learning rate", type=float)
-    add("--weight-decay", "AdamW weight decay", type=float)
+    add("--adapter-dropout", "dropout on the adapters' bottleneck: 0.1 on ViTs, 0.5 on Swin", type=float)
+    add("--vit-dropout", "ViT dropout after the position embedding and in the MLP: 0 on VTAB-1k", type=float)
+    add("--drop-path", "Swin stochastic depth at the last block, rising from 0 at the first: 0.1", type=float)
+    add("--lr", "AdamW peak learning rate: 0.01 on VTAB-1k with a ViT", type=float)
+    add("--weight-decay", "AdamW weight decay: 0 on VTAB-1k with a ViT", type=float)
     add("--batch-size", "global batch, over all processes", type=int)
     add("--epochs", "training epochs", type=int)
-    add("--warmup-epochs", "linear warm-up, then cosine decay, per step", type=int)
+    add("--warmup-epochs", "linear warm-up, then cosine decay, per step: 10", type=int)
     add("--img-size", "input resolution", type=int)
     add("--seed", "the same seed on the same CPU gives the same run", type=int)
     add("--eval-every", "test every N epochs, and after the last", type=int)
@@ -169,10 +166,13 @@ def parse_args(argv=None):
             if getattr(args, key) is not None and not ok(getattr(args, key)):  # `not ok`: nan fails every test
                 p.error(f"--{flag(key)} {getattr(args, key)} must be {rule}")
     try:
-        if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-            p.error(f"--device {args.device}: torch sees no CUDA GPU here; use --device cpu")
+        device_type = torch.device(args.device).type
     except RuntimeError:
-        p.error(f"--device {args.device} is not a device: cpu, cuda or cuda:N")
+        device_type = None
+    if device_type not in ("cpu", "cuda"):
+        p.error(f"--device {args.device} is not a device this script runs on: cpu, cuda or cuda:N")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch sees no CUDA GPU here; use --device cpu")
     if args.eval_only != bool(args.checkpoint):
         p.error("--eval-only and --checkpoint go together: --eval-only --checkpoint runs/<run>/adapters.pth")
     if args.resume and args.out and os.path.abspath(args.out) not in (os.path.abspath(args.resume),
@@ -182,7 +182,7 @@ def parse_args(argv=None):
         args.data_dir = os.path.abspath(args.data_dir)
     if args.weights not in (None, "auto", "none"):
         args.weights = os.path.abspath(args.weights)
-    if args.data and is_path(args.data):
+    if args.data and data.is_path(args.data):
         args.data = os.path.abspath(args.data)
     return args, {key: getattr(args, key) for key in DEFAULTS if getattr(args, key) is not None}
 
@@ -203,8 +203,9 @@ def build_model(cfg, num_classes):
 
 def check_data(cfg):
     """Whether the data is there is cheap to learn: before anything is downloaded or decoded."""
-    if data.missing(cfg.data, cfg.data_dir):
-        raise UserError(f"no {cfg.data} data: looked in {data.missing(cfg.data, cfg.data_dir)} (see --data-dir)")
+    where = data.missing(cfg.data, cfg.data_dir)
+    if where:
+        raise UserError(f"no {cfg.data} data: looked in {where} (see --data-dir)")
 
 
 def weights_file(weights, model_name):
@@ -216,8 +217,7 @@ def weights_file(weights, model_name):
         if not os.path.isfile(weights):
             raise UserError(f"--weights {weights}: {'a folder, not a file' if os.path.isdir(weights) else 'no such file'}")
         return weights
-    url = {**vit.URLS, **swin.URLS}[model_name]
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    url, path = auto_weights(model_name)
     if not os.path.exists(path):
         print(f"downloading {url}\n         to {path}")
         try:
@@ -230,6 +230,12 @@ def weights_file(weights, model_name):
             raise UserError(f"could not download the {model_name} weights ({type(e).__name__}: {e}). Looked for "
                             f"{path}: download {url} by hand and put it there, or pass --weights PATH") from None
     return path
+
+
+def auto_weights(model_name):
+    """(URL, path in torch hub's cache) of the published checkpoint the official runs started from."""
+    url = {**vit.URLS, **swin.URLS}[model_name]
+    return url, os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
 
 
 def load_weights(model, cfg, path):
@@ -260,14 +266,16 @@ def mark_trainable(model, method):
 
 def trained_tensors(model):
     """What the method trains (for ARC: arc.arc_state_dict); linear and full train other tensors."""
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trained_tensors(model, state_dict, source):
-    expected = trained_tensors(model).keys()
-    if expected != state_dict.keys():
-        raise UserError(f"{source} does not fit this model: missing {sorted(expected - state_dict.keys())[:4]}, "
-                        f"unexpected {sorted(state_dict.keys() - expected)[:4]}")
+    expected = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(expected[k])}" for k, v in state_dict.items()
+             if k in expected and v.shape != expected[k]]
+    if expected.keys() != state_dict.keys() or wrong:
+        raise UserError(f"{source} does not fit this model: missing {sorted(expected.keys() - state_dict.keys())[:4]}, "
+                        f"unexpected {sorted(state_dict.keys() - expected.keys())[:4]}, shapes (file vs model) {wrong[:2]}")
     model.load_state_dict(state_dict, strict=False)
 
 
@@ -457,7 +465,8 @@ def read_saved(path, option, keys, what):
 def check_out(out, fresh):
     """Fail now, not after an hour of decoding, when the output folder holds a run that a fresh one would
     overwrite, or cannot be made or written."""
-    if fresh and any(os.path.exists(os.path.join(out, name)) for name in ("checkpoint.pth", "suite.json")):
+    if fresh and any(os.path.exists(os.path.join(out, name)) for name in ("checkpoint.pth", "adapters.pth", "folded.pth",
+                                                                           "suite.json")):
         raise UserError(f"{out} already holds a run: continue it with --resume {out}, or pass another --out")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file, not a folder: pass another --out")
@@ -501,7 +510,7 @@ class StopFlag:
 class Interrupted(Exception):
     def __init__(self, signum, epochs_done):
         super().__init__(f"stopped by {signal.Signals(signum).name} after {epochs_done} epoch(s)")
-        self.exit_code = 128 + signum
+        self.exit_code, self.epochs_done = 128 + signum, epochs_done
 
 
 def fmt_time(seconds):
@@ -561,14 +570,19 @@ def run_task(given, out, ctx, resume=None, task=None):
         build_model(cfg, num_classes=1)
     ctx.log(f"{cfg.data}: {cfg.model} {cfg.method}, {recipe_name} recipe; " + ", ".join(
         f"{key} {getattr(cfg, key)} ({sources[key]})" for key in RUN_KEYS[4:] if sources[key] != "n/a"))
-    if checkpoint and len(checkpoint["history"]) == cfg.epochs and os.path.exists(os.path.join(out, "adapters.pth")):
+    done = finished(out)
+    if checkpoint and done and done["epochs"] == cfg.epochs == len(checkpoint["history"]):
         ctx.log(f"{out} has finished its {cfg.epochs} epochs (--resume with more --epochs trains it for longer)")
-        return read_saved(os.path.join(out, "adapters.pth"), "--resume", ("config",), "an adapters.pth")["config"]["result"]
+        return done["result"]
     if task is None:
         check_data(cfg)
     weights = node_first(ctx, weights_file, cfg.weights, cfg.model)  # a download comes before the decoding
     cfg.weights_bytes = os.path.getsize(weights) if weights else 0
     task = task or node_first(ctx, data.build, cfg.data, cfg.data_dir, cfg.img_size, ctx.workers, ctx.log)
+    cfg.classes = task.classes
+    if checkpoint and checkpoint["config"]["classes"] != task.classes:
+        raise UserError(f"--resume {out}: the run was trained on {len(checkpoint['config']['classes'])} classes "
+                        f"{checkpoint['config']['classes'][:5]}, the data has {task.num_classes} {task.classes[:5]}")
     model = prepare_model(cfg, task.num_classes, weights)
     params = [p for p in model.parameters() if p.requires_grad]
     ctx.log(f"{task.description}\n{cfg.model} {cfg.method}: {sum(p.numel() for p in params):,} trainable parameters; "
@@ -576,19 +590,28 @@ def run_task(given, out, ctx, resume=None, task=None):
             f"output in {out}")
     if ctx.rank == 0:
         os.makedirs(out, exist_ok=True)
-    run = Run(ctx=ctx, cfg=cfg, out=out, model=model.to(ctx.device), task=task, history=[], params=params,
-                optimizer=torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=ctx.device.type == "cuda"),
-                seconds={"setup": time.time() - started})
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=ctx.device.type == "cuda")
+    run = Run(ctx=ctx, cfg=cfg, out=out, model=model.to(ctx.device), task=task, params=params, optimizer=optimizer,
+              history=[], seconds={"setup": time.time() - started})
     if checkpoint:
         run.restore(checkpoint)
     train(run)
     return finish(run)
 
 
+def finished(out):
+    """The record of the finished run in `out` (its adapters.pth config, written last), or None."""
+    if not all(os.path.exists(os.path.join(out, name)) for name in ("adapters.pth", "folded.pth")):
+        return None
+    return read_saved(os.path.join(out, "adapters.pth"), "--resume", ("config",), "an adapters.pth")["config"]
+
+
 def read_checkpoint(path, world):
     """The checkpoint.pth of the run folder --resume names (or that file itself)."""
     folder, path = (path, os.path.join(path, "checkpoint.pth")) if os.path.isdir(path) else (os.path.dirname(path), path)
-    if os.path.isdir(folder) and not os.path.exists(path):
+    if not os.path.exists(folder):
+        raise UserError(f"--resume {folder}: no such folder")
+    if not os.path.exists(path):
         raise UserError(f"--resume {folder}: no checkpoint.pth there, so no finished epoch to continue; start the "
                         f"run again without --resume")
     checkpoint = read_saved(path, "--resume", ("config", "trained", "optimizer", "rng", "history"),
@@ -602,23 +625,25 @@ def read_checkpoint(path, world):
 def check_resume(given, saved, done, out):
     """A run continues with its own settings. The command line may say where its files are now, how often to
     test, and --epochs, which may grow: the schedule is then recomputed for the new length."""
-    changed = [key for key in RUN_KEYS if key in given and given[key] != saved[key]
-               and key not in ("epochs", "weights") and not (key == "data" and is_path(given[key]))]
+    changed = [key for key in RUN_KEYS if key in given and given[key] != saved[key] and key not in ("epochs", "weights")
+               and not (key == "data" and data.is_path(given[key]) and data.is_path(saved[key]))]
     if changed:
         raise UserError(f"--resume {out} comes from another run: " + ", ".join(
             f"--{flag(key)} {saved[key]} there, {given[key]} here" for key in changed)
             + "; give the same options, or start a new run with another --out")
-    if given.get("epochs", done) < done:
-        raise UserError(f"--resume {out} has done {done} epochs already: --epochs {given['epochs']} is fewer")
+    if given.get("epochs", saved["epochs"]) < saved["epochs"]:
+        raise UserError(f"--resume {out} is a run of {saved['epochs']} epochs ({done} done): --epochs "
+                        f"{given['epochs']} would shorten it; a run can only be extended")
     check_weights(given, saved, f"--resume {out}")
 
 
 def check_weights(given, saved, what):
     """A run continues, or is tested, with its own weights: --weights may say where they are now (the same
     file, so the same size), not name others."""
-    weights = given.get("weights", "auto")
-    size = 0 if weights == "none" else os.path.getsize(weights) if os.path.isfile(weights) else None
-    if weights != "auto" and size is not None and size != saved["weights_bytes"]:
+    weights = given.get("weights")
+    path = auto_weights(saved["model"])[1] if weights == "auto" else weights
+    size = 0 if weights == "none" else os.path.getsize(path) if path and os.path.isfile(path) else None
+    if size is not None and size != saved["weights_bytes"]:
         describe = lambda name, n: f"{name} ({n:,} bytes)" if n else name
         raise UserError(f"{what}: --weights {describe(saved['weights'], saved['weights_bytes'])} there, "
                         f"{describe(weights, size)} here; give the run's own weights")
@@ -651,9 +676,9 @@ def train(run):
                 pace.step()
                 if stop.is_set(ctx.control):
                     raise Interrupted(stop.signum, epoch)
+            seconds = time.time() - started
             metrics = {"epoch": epoch + 1, "loss": loss.mean(epoch, run.out), "lr": optimizer.param_groups[0]["lr"],
-                       "train_s": round(time.time() - started, 2)}
-            metrics["images_per_s"] = round(len(train_data) / metrics["train_s"], 1)
+                       "train_s": round(seconds, 2), "images_per_s": round(len(train_data) / seconds, 1)}
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 metrics["test_acc"] = evaluate(model, test_data, 4 * cfg.batch_size, ctx)
                 metrics["test_s"] = round(time.time() - started - metrics["train_s"], 2)
@@ -679,15 +704,15 @@ def finish(run):
     result = {"final": tested[-1], "best": max(tested), "trainable": sum(p.numel() for p in run.params),
               "seconds": {"setup": round(run.seconds["setup"], 1), "training": round(sum(m["train_s"] for m in run.history), 1),
                           "testing": round(sum(m.get("test_s", 0) for m in run.history), 1)}}
-    record = {**vars(run.cfg), "classes": run.task.classes, "result": result}
-    if run.ctx.rank == 0:
-        save_atomic({"config": record, "state_dict": trained_tensors(run.model)}, run.path("adapters.pth"))
+    trained = trained_tensors(run.model)
     if run.cfg.method in ("arc", "arc_att"):
         run.ctx.log(fold_and_compare(run.model, data.Loader(run.task.test, run.ctx.device, run.ctx.workers)))
     result["seconds"]["finish"] = round(time.time() - started, 1)
-    if run.ctx.rank == 0:  # the plain architecture, whatever the method: --eval-only reads it as "folded"
+    record = {**vars(run.cfg), "result": result}
+    if run.ctx.rank == 0:  # folded.pth: the plain architecture, whatever the method (--eval-only reads it so)
         save_atomic({"config": {**record, "method": "folded", "trained_with": run.cfg.method},
-                     "state_dict": run.model.state_dict()}, run.path("folded.pth"))
+                     "state_dict": {k: v.cpu() for k, v in run.model.state_dict().items()}}, run.path("folded.pth"))
+        save_atomic({"config": record, "state_dict": trained}, run.path("adapters.pth"))  # last: the run is done
         run.ctx.log(f"summary: {run.cfg.model} {run.cfg.method} on {run.cfg.data}: {result['trainable']:,} trainable "
                     f"parameters, final test accuracy {result['final']:.2f}%, best over evaluated epochs "
                     f"{result['best']:.2f}% (selected on the test set, as the official code reports), "
@@ -715,7 +740,7 @@ def eval_only(args, given, ctx):
     weights are now."""
     saved = read_saved(args.checkpoint, "--checkpoint", ("config", "state_dict"), "an adapters.pth or folded.pth")
     cfg = SimpleNamespace(**{**saved["config"], **{k: v for k, v in given.items() if k in ("data_dir", "weights")}})
-    cfg.data = given["data"] if "data" in given and is_path(cfg.data) else cfg.data
+    cfg.data = given["data"] if "data" in given and data.is_path(cfg.data) else cfg.data
     check_data(cfg)
     if cfg.method == "folded":
         model = build_model(SimpleNamespace(**{**vars(cfg), "method": "full"}), len(cfg.classes))
@@ -731,8 +756,11 @@ def eval_only(args, given, ctx):
         model = prepare_model(cfg, len(cfg.classes), weights_file(cfg.weights, cfg.model))
         load_trained_tensors(model, saved["state_dict"], args.checkpoint)
     task = data.build(cfg.data, cfg.data_dir, cfg.img_size, ctx.workers, ctx.log)
+    if task.classes != cfg.classes:
+        raise UserError(f"--checkpoint {args.checkpoint} was trained on {len(cfg.classes)} classes {cfg.classes[:5]}, "
+                        f"the data has {task.num_classes} {task.classes[:5]}")
     accuracy = evaluate(model.to(ctx.device), data.Loader(task.test, ctx.device, ctx.workers), 4 * cfg.batch_size, ctx)
-    print(f"{args.checkpoint}: {cfg.model} {cfg.method} on {cfg.data}: test accuracy {accuracy:.2f}%")
+    ctx.log(f"{args.checkpoint}: {cfg.model} {cfg.method} on {cfg.data}: test accuracy {accuracy:.2f}%")
     return accuracy
 
 
@@ -756,29 +784,46 @@ def suite_tasks(name):
 
 def run_suite(given, out, ctx, resume):
     """Each task in turn, in its own subfolder of `out`, with its own recipe; results.md and results.json
-    after every task. Resumed, it skips finished tasks and continues the others."""
+    after every task. Resumed, it skips finished tasks and continues the others; options given then apply
+    to this invocation (suite.json keeps the ones the suite started with)."""
     suite_file = os.path.join(out, "suite.json")
-    if resume and not os.path.isfile(suite_file):
-        raise UserError(f"--resume {out}: no suite.json there, so it is not a suite's folder")
     if resume:
-        with open(suite_file) as f:
-            given = {**json.load(f), **given}
-    tasks, data_dir = suite_tasks(given["data"]), given.setdefault("data_dir", os.path.abspath(DEFAULTS["data_dir"]))
-    missing = [f"{task} (looked in {data.missing(task, data_dir)})" for task in tasks if data.missing(task, data_dir)]
-    if missing:
-        raise UserError(f"no data for {len(missing)} of the {len(tasks)} tasks: {', '.join(missing)}. Put it there, or "
-                        f"run the others: --data {','.join(t for t in tasks if not data.missing(t, data_dir))}")
+        stored = read_suite(suite_file, out)
+        if given.get("data", stored["data"]) != stored["data"]:
+            raise UserError(f"--resume {out} is the suite --data {stored['data']}, not --data {given['data']}")
+    tasks = suite_tasks(given.get("data") or stored["data"])
+    folders = {task: os.path.join(out, os.path.basename(os.path.normpath(task))) for task in tasks}
+    options = {"data_dir": os.path.abspath(DEFAULTS["data_dir"]), **(stored if resume else {}), **given}
+    plan = {task: {"data_dir": options["data_dir"], **given} if os.path.exists(os.path.join(folder, "checkpoint.pth"))
+            else options for task, folder in folders.items()}  # a started task keeps its own settings
+    missing = {task: data.missing(task, options["data_dir"]) for task in tasks if not finished(folders[task])}
+    if any(missing.values()):
+        raise UserError(f"no data for {sum(map(bool, missing.values()))} of the {len(tasks)} tasks: " + ", ".join(
+            f"{task} (looked in {where})" for task, where in missing.items() if where) + ". Put it there, or run the "
+            f"others: --data {','.join(task for task in tasks if not missing.get(task))}")
     check_out(out, fresh=not resume)
-    if ctx.rank == 0:
+    if ctx.control is not None:
+        dist.barrier(group=ctx.control)  # every process has checked `out` before the first one writes to it
+    if ctx.rank == 0 and not resume:
         os.makedirs(out, exist_ok=True)
-        save_atomic(json.dumps(given, indent=1), suite_file)
+        save_atomic(json.dumps(options, indent=1), suite_file)
     results = {}
-    for task in tasks:
-        folder = os.path.join(out, task)
+    for task, folder in folders.items():
         resumable = os.path.exists(os.path.join(folder, "checkpoint.pth"))
-        results[task] = run_task({**given, "data": task}, folder, ctx, folder if resumable else None)
+        results[os.path.basename(folder)] = run_task({**plan[task], "data": task}, folder, ctx, folder if resumable else None)
         if ctx.rank == 0:
-            write_results(out, results, given.get("model", DEFAULTS["model"]), given.get("method", DEFAULTS["method"]))
+            write_results(out, results, plan[task].get("model", DEFAULTS["model"]), plan[task].get("method", DEFAULTS["method"]))
+
+
+def read_suite(path, out):
+    if not os.path.isfile(path):
+        raise UserError(f"--resume {out}: no suite.json there, so it is not a suite's folder")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--resume {out}: {path} is unreadable ({type(e).__name__}: {e}); a suite's folder holds the "
+                        f"suite.json it wrote") from None
 
 
 def write_results(out, results, model, method):
@@ -823,7 +868,7 @@ def main(argv=None):
     ctx = setup_distributed(args.device, args.workers)
     resume = args.resume and os.path.abspath(args.resume)
     folder = resume and (resume if os.path.isdir(resume) else os.path.dirname(resume))
-    suite = os.path.isfile(os.path.join(folder or "", "suite.json")) or suite_tasks(given.get("data", ""))
+    suite = bool(folder) and os.path.isfile(os.path.join(folder, "suite.json")) or suite_tasks(given.get("data", ""))
     name = "_".join([os.path.basename(os.path.normpath(given.get("data", DEFAULTS["data"]))).replace(",", "+"),
                      given.get("model", DEFAULTS["model"]), given.get("method", DEFAULTS["method"])])
     out = folder or args.out or os.path.join("runs", name)
@@ -838,10 +883,8 @@ def main(argv=None):
         print(f"error: {' '.join(message.split())}", file=sys.stderr)
         sys.exit(1)
     except Interrupted as e:
-        argv = [a for i, a in enumerate(sys.argv) if not (a.startswith("--resume") or sys.argv[i - 1] == "--resume")]
-        launcher = f"torchrun --nproc_per_node={ctx.world}" if ctx.world > 1 else "python"
-        print(f"\n{e}: {out}/checkpoint.pth holds them (an epoch in progress starts again). Continue with:\n  "
-              f"{launcher} {' '.join(shlex.quote(a) for a in argv + ['--resume', out])}", file=sys.stderr)
+        if ctx.rank == 0:
+            print(f"\n{e}. {continue_with(e.epochs_done or suite, out, ctx)}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:  # before training began, or a second Ctrl-C: checkpoints are written atomically
         print("\nstopped at once; checkpoint.pth, if there is one, holds the last completed epoch", file=sys.stderr)
@@ -849,6 +892,16 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def continue_with(saved, out, ctx):
+    """How to go on after a stop: --resume when something was saved, else the same command again."""
+    argv = [a for i, a in enumerate(sys.argv) if not (a.startswith("--resume") or sys.argv[i - 1] == "--resume")]
+    launcher = f"torchrun --nproc_per_node={ctx.world}" if ctx.world > 1 else "python"
+    if not saved:
+        return f"No epoch had finished, so nothing is saved. Start again with:\n  {launcher} {shlex.join(argv)}"
+    return (f"What had finished is saved in {out} (an epoch in progress starts again). Continue with:\n  "
+            f"{launcher} {shlex.join(argv + ['--resume', out])}")
 
 
 if __name__ == "__main__":
