@@ -676,8 +676,9 @@ def train(run):
                 pace.step()
                 if stop.is_set(ctx.control):
                     raise Interrupted(stop.signum, epoch)
+            epoch_loss = loss.mean(epoch, run.out)  # the epoch's one host sync: the GPU's work is done, timed
             seconds = time.time() - started
-            metrics = {"epoch": epoch + 1, "loss": loss.mean(epoch, run.out), "lr": optimizer.param_groups[0]["lr"],
+            metrics = {"epoch": epoch + 1, "loss": epoch_loss, "lr": optimizer.param_groups[0]["lr"],
                        "train_s": round(seconds, 2), "images_per_s": round(len(train_data) / seconds, 1)}
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 metrics["test_acc"] = evaluate(model, test_data, 4 * cfg.batch_size, ctx)
