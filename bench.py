@@ -91,11 +91,12 @@ def peak_memory(args, device, method):
 
 
 def dtd_run(args, device):
-    """train.run on random pixels shaped as VTAB-1k DTD; prints the wall time split, returns the result."""
+    """train.run_task on random pixels shaped as VTAB-1k DTD; prints the wall time split, returns the result."""
     generator = torch.Generator().manual_seed(0)
     split = lambda n: data.Preloaded(torch.randint(0, 256, (n, 3, args.img_size, args.img_size), dtype=torch.uint8,
                                                    generator=generator), torch.arange(n) % 47)
-    task = data.Task(split(1000), split(1880), [str(k) for k in range(47)], "random pixels shaped as VTAB-1k DTD: 1,000 train / 1,880 test images, 47 classes")
+    task = data.Task(split(1000), split(1880), [str(k) for k in range(47)],
+                     "random pixels shaped as VTAB-1k DTD: 1,000 train / 1,880 test images, 47 classes")
     given = {"data": "dtd", "model": args.model, "img_size": args.img_size, "weights": "none", "epochs": args.epochs,
              "batch_size": args.batch_size}
     ctx = train.setup_distributed(args.device, workers=0)

@@ -178,11 +178,13 @@ def build(name, data_dir="./data", img_size=224, workers=4, log=print):
 def missing(name, data_dir="./data"):
     """Where the files of `name` were looked for, when they are not there; None when they are (or, for
     DTD, can be downloaded). Cheap: it reads no image, so a run can check its data before anything else."""
-    kind = _kind(name, data_dir)
-    needed = {"vtab": [os.path.join(data_dir, "vtab-1k", name, file) for file in ("train800val200.txt", "test.txt")],
-              "fgvc": [os.path.join(data_dir, "fgvc", FGVC_TASKS.get(name, ("",))[0], file)
-                       for file in ("train.json", "test.json")],
-              "folder": [os.path.join(name, "train")]}.get(kind, [])
+    kind, needed = _kind(name, data_dir), []
+    if kind == "vtab":
+        needed = [os.path.join(data_dir, "vtab-1k", name, file) for file in ("train800val200.txt", "test.txt")]
+    elif kind == "fgvc":
+        needed = [os.path.join(data_dir, "fgvc", FGVC_TASKS[name][0], file) for file in ("train.json", "test.json")]
+    elif kind == "folder":
+        needed = [os.path.join(name, "train")]
     absent = [path for path in needed if not os.path.exists(path)]
     return os.path.dirname(absent[0]) if absent else None
 

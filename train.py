@@ -95,7 +95,8 @@ def settings(given, saved=None):
             if key in values)
     unused = "drop_path" if cfg["model"].startswith("vit") else "vit_dropout"  # each model has one of the two
     if given.get(unused):
-        raise UserError(f"--{flag(unused)} does not apply to {cfg['model']}: --vit-dropout is for ViTs, --drop-path for Swin")
+        raise UserError(f"--{flag(unused)} does not apply to {cfg['model']}: --vit-dropout is for ViTs, "
+                        f"--drop-path for Swin")
     cfg[unused], sources[unused] = 0.0, "n/a"
     if 0 < cfg["epochs"] <= cfg["warmup_epochs"] and sources["warmup_epochs"] != "run":
         if sources["warmup_epochs"] == "command line":
@@ -134,7 +135,8 @@ def parse_args(argv=None):
     p.error = lambda message: sys.exit(f"error: {message} (python train.py --help lists the options)")
     add = lambda name, help, **kw: p.add_argument(name, help=help, **kw)
     add("--data", f"a VTAB-1k task ({' '.join(data.VTAB_TASKS)}); an FGVC set ({' '.join(data.FGVC_TASKS)}); a suite "
-        f"({' '.join(data.SUITES)}) or a comma-separated list of tasks; a folder of train/ and test/ class folders; synthetic")
+        f"({' '.join(data.SUITES)}) or a comma-separated list of tasks; a folder of train/ and test/ class folders; "
+        f"synthetic")
     add("--data-dir", "where datasets are looked for (vtab-1k/<task>, fgvc/<set>, dtd/) and downloaded")
     add("--model", "the backbone", choices=sorted(MODELS))
     add("--weights", "auto (the checkpoint the official runs used, downloaded into torch hub's cache), a path, or none")
@@ -243,7 +245,8 @@ def load_weights(model, cfg, path):
         if path:
             (vit if cfg.model.startswith("vit") else swin).load_pretrained(model, path)
     except arc.CheckpointError as e:
-        advice = "; --weights auto downloaded it: delete it, and the next run downloads it again" if cfg.weights == "auto" else ""
+        advice = ("; --weights auto downloaded it: delete it, and the next run downloads it again"
+                  if cfg.weights == "auto" else "")
         raise UserError(f"--weights {e}{advice}") from None
 
 
@@ -606,9 +609,15 @@ def finished(out):
     return read_saved(os.path.join(out, "adapters.pth"), "--resume", ("config",), "an adapters.pth")["config"]
 
 
+def run_folder(path):
+    """The run (or suite) folder that --resume names: the folder itself, or the folder of a file in it."""
+    return path if os.path.isdir(path) else os.path.dirname(path)
+
+
 def read_checkpoint(path, world):
     """The checkpoint.pth of the run folder --resume names (or that file itself)."""
-    folder, path = (path, os.path.join(path, "checkpoint.pth")) if os.path.isdir(path) else (os.path.dirname(path), path)
+    folder = run_folder(path)
+    path = os.path.join(path, "checkpoint.pth") if folder == path else path
     if not os.path.exists(folder):
         raise UserError(f"--resume {folder}: no such folder")
     if not os.path.exists(path):
@@ -703,7 +712,8 @@ def finish(run):
     Returns the result: final and best accuracy, trainable parameters, seconds."""
     started, tested = time.time(), [m["test_acc"] for m in run.history if "test_acc" in m]
     result = {"final": tested[-1], "best": max(tested), "trainable": sum(p.numel() for p in run.params),
-              "seconds": {"setup": round(run.seconds["setup"], 1), "training": round(sum(m["train_s"] for m in run.history), 1),
+              "seconds": {"setup": round(run.seconds["setup"], 1),
+                          "training": round(sum(m["train_s"] for m in run.history), 1),
                           "testing": round(sum(m.get("test_s", 0) for m in run.history), 1)}}
     trained = trained_tensors(run.model)
     if run.cfg.method in ("arc", "arc_att"):
@@ -748,7 +758,8 @@ def eval_only(args, given, ctx):
         try:
             model.load_state_dict(saved["state_dict"])
         except RuntimeError as e:
-            raise UserError(f"--checkpoint {args.checkpoint} does not fit {cfg.model}: {' '.join(str(e).split())[:300]}") from None
+            raise UserError(f"--checkpoint {args.checkpoint} does not fit {cfg.model}: "
+                            f"{' '.join(str(e).split())[:300]}") from None
     else:
         if cfg.weights not in ("auto", "none") and not os.path.isfile(cfg.weights):
             raise UserError(f"--checkpoint {args.checkpoint} was trained from --weights {cfg.weights}, which is not "
@@ -811,9 +822,11 @@ def run_suite(given, out, ctx, resume):
     results = {}
     for task, folder in folders.items():
         resumable = os.path.exists(os.path.join(folder, "checkpoint.pth"))
-        results[os.path.basename(folder)] = run_task({**plan[task], "data": task}, folder, ctx, folder if resumable else None)
+        results[os.path.basename(folder)] = run_task({**plan[task], "data": task}, folder, ctx,
+                                                     folder if resumable else None)
         if ctx.rank == 0:
-            write_results(out, results, plan[task].get("model", DEFAULTS["model"]), plan[task].get("method", DEFAULTS["method"]))
+            write_results(out, results, plan[task].get("model", DEFAULTS["model"]),
+                          plan[task].get("method", DEFAULTS["method"]))
 
 
 def read_suite(path, out):
@@ -843,7 +856,8 @@ def write_results(out, results, model, method):
 
     def row(name, final, best=None, reference=0.0, trainable="", seconds=""):
         cells = [name, f"{final:.2f}", f"{best:.2f}" if best is not None else ""]
-        return "| " + " | ".join(cells + [f"{reference:.1f}", f"{final - reference:+.2f}"] * paper + [trainable, seconds]) + " |"
+        cells += [f"{reference:.1f}", f"{final - reference:+.2f}"] * paper + [trainable, seconds]
+        return "| " + " | ".join(cells) + " |"
     lines = [f"# ARC: {model}, {method}", "", "Top-1 test accuracy (%). **final**: after the last epoch, the honest "
              "figure. **best**: the best of the evaluated epochs, selected on the test set, as the official code reports "
              "(its protocol tests every epoch: `--eval-every 1`)." + " **paper**: the ARC paper's ViT-B/16 figures." * paper,
@@ -868,7 +882,7 @@ def main(argv=None):
     args, given = parse_args(argv)
     ctx = setup_distributed(args.device, args.workers)
     resume = args.resume and os.path.abspath(args.resume)
-    folder = resume and (resume if os.path.isdir(resume) else os.path.dirname(resume))
+    folder = resume and run_folder(resume)
     suite = bool(folder) and os.path.isfile(os.path.join(folder, "suite.json")) or suite_tasks(given.get("data", ""))
     name = "_".join([os.path.basename(os.path.normpath(given.get("data", DEFAULTS["data"]))).replace(",", "+"),
                      given.get("model", DEFAULTS["model"]), given.get("method", DEFAULTS["method"])])
