@@ -27,6 +27,7 @@ import torch
 
 import arc
 import data
+import runs
 import train
 
 METHODS = ("arc", "arc_att", "linear", "full")
@@ -60,7 +61,7 @@ def training_step(args, device, method, stack):
     model = build(args, method)
     train.mark_trainable(model, method)
     model.to(device).train()
-    stack.enter_context(train.frozen_in_bf16(model, device.type == "cuda"))
+    stack.enter_context(runs.frozen_in_bf16(model, device.type == "cuda"))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, fused=device.type == "cuda")
     images = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8, device=device)
@@ -99,7 +100,7 @@ def dtd_run(args, device):
                      "random pixels shaped as VTAB-1k DTD: 1,000 train / 1,880 test images, 47 classes")
     given = {"data": "dtd", "model": args.model, "img_size": args.img_size, "weights": "none", "epochs": args.epochs,
              "batch_size": args.batch_size}
-    ctx = train.setup_distributed(args.device, workers=0)
+    ctx = runs.setup_distributed(args.device, workers=0)
     started = time.time()
     with tempfile.TemporaryDirectory() as out:
         result = train.run_task(given, out, ctx, task=task)

@@ -1,4 +1,4 @@
-"""Tests for ARC, the ViT and Swin models, the data readers and train.py. Run: python -m pytest
+"""Tests for ARC, the ViT and Swin models, the data readers, train.py and runs.py. Run: python -m pytest
 
 Tiny model configs test behaviour; full-size configs appear only where size matters (parameter
 counts against the paper, checkpoint shapes). Nothing here needs a GPU or the network.
@@ -29,6 +29,7 @@ from PIL import Image
 
 import arc
 import data
+import runs
 import swin
 import train
 import vit
@@ -940,7 +941,7 @@ def test_an_fgvc_run_with_random_crops_learns_and_resumes_exactly(tmp_path, monk
     history = metrics(tmp_path / "straight")
     assert history[-1]["loss"] < history[0]["loss"] and history[-1]["test_acc"] == 100.0
     with monkeypatch.context() as patch:
-        patch.setattr(train.StopFlag, "is_set", stop_at_call(7 + 3))  # 6 steps an epoch: epoch 2, step 3
+        patch.setattr(runs.StopFlag, "is_set", stop_at_call(7 + 3))  # 6 steps an epoch: epoch 2, step 3
         assert run_train(*args, "--out", tmp_path / "cut") == 128 + signal.SIGINT
     # the rule: a stop mid-epoch keeps the last finished epoch, and the epoch in progress runs again
     assert "stopped by SIGINT after 1 epoch(s)" in capsys.readouterr().err
@@ -1010,7 +1011,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(synthetic_run, tmp_path,
     out = tmp_path / "cut"
     with monkeypatch.context() as patch:
         # 16 steps an epoch, each asking the flag, and one more question at the end of the epoch
-        patch.setattr(train.StopFlag, "is_set", stop_at_call(17 + 5))
+        patch.setattr(runs.StopFlag, "is_set", stop_at_call(17 + 5))
         assert run_train(*TINY_RUN, "--out", out) == 128 + signal.SIGINT
     error = capsys.readouterr().err
     assert "stopped by SIGINT after 1 epoch(s)" in error and f"--resume {out}" in error
@@ -1496,7 +1497,7 @@ def test_a_suite_runs_its_tasks_resumes_and_reports_the_paper_s_means(tmp_path, 
         _vtab_task(data_dir, task, classes)
     args = ["--data", ",".join(tasks), "--data-dir", data_dir, *SUITE, "--out", out]
     with monkeypatch.context() as patch:  # Ctrl-C in the second task's first epoch (each has 1 step an epoch)
-        patch.setattr(train.StopFlag, "is_set", stop_at_call(2 + 2 + 1))
+        patch.setattr(runs.StopFlag, "is_set", stop_at_call(2 + 2 + 1))
         assert run_train(*args) == 128 + signal.SIGINT
     assert f"--resume {out}" in capsys.readouterr().err
     assert list(json.loads((out / "results.json").read_text())["tasks"]) == ["dtd"]
@@ -1527,9 +1528,9 @@ def test_a_suite_with_missing_data_stops_before_training_with_one_line(tmp_path,
 def test_results_give_the_paper_s_group_means_and_overall_mean(tmp_path):
     # the paper's own per-task figures must give back its Table 1 means: 81.6, 85.8, 60.0 and 73.4 (the mean
     # of the 19 tasks, not of the three groups)
-    results = {task: {"final": train.PAPER[task], "best": train.PAPER[task], "trainable": 1,
+    results = {task: {"final": runs.PAPER[task], "best": runs.PAPER[task], "trainable": 1,
                       "seconds": {"training": 1, "testing": 1}} for task in data.SUITES["vtab-1k"]}
-    train.write_results(str(tmp_path), results, "vit_b16", "arc")
+    runs.write_results(str(tmp_path), results, "vit_b16", "arc")
     summary = json.loads((tmp_path / "results.json").read_text())
     assert {g: round(m, 1) for g, m in summary["groups"].items()} == {
         "natural": 81.6, "specialized": 85.8, "structured": 60.0}
@@ -1598,7 +1599,7 @@ def test_robust_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, 
 def test_robust_metrics_have_one_line_per_epoch_after_a_kill_between_log_and_checkpoint(tmp_path, monkeypatch):
     out = tmp_path / "run"
     with monkeypatch.context() as patch:
-        patch.setattr(train.StopFlag, "is_set", stop_at_call(17))  # the question after epoch 1: stop there
+        patch.setattr(runs.StopFlag, "is_set", stop_at_call(17))  # the question after epoch 1: stop there
         assert run_train(*TINY_RUN, "--out", out) == 128 + signal.SIGINT
     with open(out / "metrics.jsonl", "a") as f:  # as if killed after logging epoch 2, before its checkpoint
         f.write(json.dumps({"epoch": 2, "loss": 9.9}) + "\n")
@@ -1658,7 +1659,7 @@ def test_robust_decoding_shows_progress_on_a_terminal(tmp_path, monkeypatch, cap
 
 
 def test_robust_a_long_cpu_run_says_so_after_its_first_steps(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "LONG_RUN_S", 0)  # every run is long
+    monkeypatch.setattr(runs, "LONG_RUN_S", 0)  # every run is long
     assert run_train(*TINY_RUN, "--out", tmp_path / "run") == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if "s a step" in line)
     assert "for the 26 steps to go" in line and "--model vit_t16" in line and "--device cuda" in line
@@ -1743,7 +1744,7 @@ def test_frozen_weights_in_bf16_give_what_autocast_gives_and_come_back_in_float3
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         expected = model(images)
-        with train.frozen_in_bf16(model, enabled=True):
+        with runs.frozen_in_bf16(model, enabled=True):
             assert model.blocks[0].attn.qkv.weight.dtype == model.patch_embed.proj.weight.dtype == torch.bfloat16
             assert model.blocks[0].norm1.weight.dtype == model.down_proj_att.weight.dtype == torch.float32
             kept = model(images)
@@ -1768,7 +1769,7 @@ def test_fgvc_augmentation_never_reseeds_the_cuda_generator(tmp_path, monkeypatc
 @pytest.mark.parametrize("n, batch_size, world", [(33, 8, 2), (9, 8, 4), (16, 8, 2), (5, 32, 1)])
 def test_no_process_gets_an_empty_batch_and_the_weights_give_the_batch_mean(n, batch_size, world):
     order = torch.randperm(n)
-    per_rank = [train.shares(order, batch_size, SimpleNamespace(rank=r, world=world)) for r in range(world)]
+    per_rank = [runs.shares(order, batch_size, SimpleNamespace(rank=r, world=world)) for r in range(world)]
     for step in range(len(per_rank[0][0])):
         batch = order[step * batch_size:(step + 1) * batch_size]
         assert all(len(indices[step]) > 0 for indices, _ in per_rank)  # no kernel sees a batch of 0
@@ -1812,7 +1813,7 @@ def test_a_finished_run_is_never_overwritten_and_finishes_again_when_folded_pth_
 
 def test_a_stop_in_the_first_epoch_says_to_start_again_not_to_resume(tmp_path, monkeypatch, capsys):
     with monkeypatch.context() as patch:
-        patch.setattr(train.StopFlag, "is_set", stop_at_call(3))
+        patch.setattr(runs.StopFlag, "is_set", stop_at_call(3))
         assert run_train(*TINY_RUN, "--out", tmp_path / "run") == 128 + signal.SIGINT
     error = capsys.readouterr().err
     assert "No epoch had finished" in error and "--resume" not in error
@@ -1860,13 +1861,13 @@ def test_two_processes_stopped_and_resumed_end_as_one_uninterrupted_run(tmp_path
     script = tmp_path / "stopping.py"
     script.write_text(f"""import signal, sys
 sys.path.insert(0, {HERE!r})
-import train
+import runs, train
 calls = []
 def is_set(self, group):  # 16 steps an epoch, each asking, and one question after the epoch
     calls.append(1)
     self.signum = signal.SIGTERM if len(calls) == 17 + 5 else self.signum
     return bool(self.signum)
-train.StopFlag.is_set = is_set
+runs.StopFlag.is_set = is_set
 train.main()
 """)
     args = [*TINY_RUN, "--adapter-dropout", "0", "--out", tmp_path / "two", "--device", "cpu"]
