@@ -455,10 +455,15 @@ def load_weights(model, model_name, weights, path):
 def check_weights(given, saved, what):
     """A run continues, or is tested, with its own weights: --weights may say where they are now (the same
     file, so the same size), not name others."""
-    weights = given.get("weights")
+    weights = given.get("weights", saved["weights"])
+    if "weights" not in given and weights not in ("auto", "none") and not os.path.isfile(weights):
+        raise UserError(f"{what} was trained from --weights {weights}, which is not there now: pass --weights with "
+                        f"where it is")
     path = auto_weights(saved["model"])[1] if weights == "auto" else weights
-    size = 0 if weights == "none" else os.path.getsize(path) if path and os.path.isfile(path) else None
-    if size is not None and size != saved["weights_bytes"]:
+    size = 0 if weights == "none" else os.path.getsize(path) if os.path.isfile(path) else None
+    if weights in ("auto", "none") and weights == saved["weights"] or size is None and weights not in ("auto", "none"):
+        return  # the run's own choice; or a path that is not there, which weights_file reports when it is needed
+    if size != saved["weights_bytes"]:
         describe = lambda name, n: f"{name} ({n:,} bytes)" if n else name
         raise UserError(f"{what}: --weights {describe(saved['weights'], saved['weights_bytes'])} there, "
                         f"{describe(weights, size)} here; give the run's own weights")

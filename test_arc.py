@@ -1626,6 +1626,21 @@ def test_robust_eval_only_finds_moved_weights_and_data_from_anywhere(_robust_wei
     assert f"test accuracy {accuracy:.2f}%" in capsys.readouterr().out
 
 
+def test_robust_resume_keeps_the_run_own_weights_when_they_move(_robust_weights, tmp_path, monkeypatch, capsys):
+    weights, out = tmp_path / "w.npz", tmp_path / "run"
+    shutil.copy(_robust_weights["vit_t16.npz"], weights)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_hub"))  # --weights auto would download other weights
+    with monkeypatch.context() as patch:
+        patch.setattr(runs.StopFlag, "is_set", stop_at_call(17))  # the question after epoch 1 of 2: stop there
+        assert run_train(*_robust_args(out, weights=weights, epochs=2)) == 128 + signal.SIGINT
+    _robust_fails(["--resume", out, "--workers", "0", "--weights", "auto"], capsys, "auto here", "the run's own weights")
+    assert not (tmp_path / "empty_hub").exists()  # refused before any download
+    shutil.move(weights, tmp_path / "moved.npz")
+    _robust_fails(["--resume", out, "--workers", "0"], capsys, weights, "not there now", "--weights")
+    assert run_train("--resume", out, "--workers", "0", "--weights", tmp_path / "moved.npz") == 0
+    assert [m["epoch"] for m in metrics(out)] == [1, 2]
+
+
 @pytest.mark.parametrize("option, value", [("lr", "1e38"), ("lr", "inf"), ("lr", "nan"), ("weight_decay", "1e300"),
                                            ("adapter_dropout", "1"), ("drop_path", "-0.1")])
 def test_robust_absurd_numbers(tmp_path, capsys, option, value):

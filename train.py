@@ -379,9 +379,6 @@ def eval_only(args, given, ctx):
         except RuntimeError as e:
             raise UserError(f"{source} does not fit {cfg.model}: {' '.join(str(e).split())[:300]}") from None
     else:
-        if cfg.weights not in ("auto", "none") and not os.path.isfile(cfg.weights):
-            raise UserError(f"{source} was trained from --weights {cfg.weights}, which is not there now: pass "
-                            f"--weights with where it is")
         runs.check_weights(given, saved["config"], source)
         model = prepare_model(cfg, len(cfg.classes), runs.weights_file(cfg.weights, cfg.model))
         runs.load_trained_tensors(model, saved["state_dict"], args.checkpoint)
