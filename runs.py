@@ -354,8 +354,9 @@ def restore_checkpoint(run, checkpoint):
 
 
 def run_folder(path):
-    """The run (or suite) folder that --resume names: the folder itself, or the folder of a file in it."""
-    return path if os.path.isdir(path) else os.path.dirname(path)
+    """The run (or suite) folder that --resume names: the folder itself, or the folder of a file in it (a
+    mistyped folder stays itself, so that it is the one reported missing)."""
+    return os.path.dirname(path) if os.path.isfile(path) or path.endswith(".pth") else path
 
 
 def read_checkpoint(path, world):
@@ -398,7 +399,6 @@ def check_resume(given, saved, done, out):
     if given.get("epochs", saved["epochs"]) < saved["epochs"]:
         raise UserError(f"--resume {out} is a run of {saved['epochs']} epochs ({done} done): --epochs "
                         f"{given['epochs']} would shorten it; a run can only be extended")
-    check_weights(given, saved, f"--resume {out}")
 
 
 def check_classes(classes, task, source):
@@ -420,7 +420,7 @@ def auto_weights(model_name):
 def weights_file(weights, model_name):
     """The file --weights names (None for 'none'); 'auto' downloads the published checkpoint once into
     torch hub's cache."""
-    if weights in ("none", None):
+    if weights == "none":
         return None
     if weights != "auto":
         if not os.path.isfile(weights):
@@ -428,13 +428,15 @@ def weights_file(weights, model_name):
         return weights
     url, path = auto_weights(model_name)
     if not os.path.exists(path):
-        print(f"downloading {url}\n         to {path}")
-        try:
+        try:  # can the cache be written? Then whatever goes wrong below is the download's fault
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.hub.download_url_to_file(url, path, progress=True)  # writes a temporary file, then renames
+            os.rmdir(tempfile.mkdtemp(dir=os.path.dirname(path)))
         except OSError as e:
             raise UserError(f"--weights auto: cannot write torch hub's cache {os.path.dirname(path)} ({e.strerror}): "
                             f"set TORCH_HOME to a folder you can write, or download {url} and pass --weights PATH") from None
+        print(f"downloading {url}\n         to {path}")
+        try:
+            torch.hub.download_url_to_file(url, path, progress=True)  # writes a temporary file, then renames
         except Exception as e:
             raise UserError(f"could not download the {model_name} weights ({type(e).__name__}: {e}). Looked for "
                             f"{path}: download {url} by hand and put it there, or pass --weights PATH") from None
@@ -452,11 +454,11 @@ def load_weights(model, model_name, weights, path):
         raise UserError(f"--weights {e}{advice}") from None
 
 
-def check_weights(given, saved, what):
+def check_weights(given, saved, what, needed=True):
     """A run continues, or is tested, with its own weights: --weights may say where they are now (the same
-    file, so the same size), not name others."""
+    file, so the same size), not name others. A file that has moved must be given anew when it is `needed`."""
     weights = given.get("weights", saved["weights"])
-    if "weights" not in given and weights not in ("auto", "none") and not os.path.isfile(weights):
+    if needed and "weights" not in given and weights not in ("auto", "none") and not os.path.isfile(weights):
         raise UserError(f"{what} was trained from --weights {weights}, which is not there now: pass --weights with "
                         f"where it is")
     path = auto_weights(saved["model"])[1] if weights == "auto" else weights
@@ -488,8 +490,9 @@ def suite_tasks(name):
 
 
 def plan_suite(given, out, ctx, resume, default_data_dir):
-    """{task: (its folder, the options it runs with)} for a suite started or resumed in `out`, once its data and
-    folder are checked. suite.json keeps the options the suite started with; a started task keeps its own."""
+    """[(folder, options, the folder to resume or None)] of each task of a suite started or resumed in `out`,
+    once its data and folder are checked. suite.json keeps the options the suite started with; a started task
+    keeps its own."""
     suite_file = os.path.join(out, "suite.json")
     stored = read_suite(suite_file, out) if resume else {}
     if resume and given.get("data", stored["data"]) != stored["data"]:
@@ -500,7 +503,8 @@ def plan_suite(given, out, ctx, resume, default_data_dir):
     for task in tasks:
         folder = os.path.join(out, os.path.basename(os.path.normpath(task)))
         started = os.path.exists(os.path.join(folder, "checkpoint.pth"))
-        plan[task] = folder, {**({"data_dir": options["data_dir"], **given} if started else options), "data": task}
+        plan[task] = (folder, {**({"data_dir": options["data_dir"], **given} if started else options), "data": task},
+                      folder if started else None)
     missing = {task: data.missing(task, options["data_dir"]) for task in tasks if not finished(plan[task][0])}
     if any(missing.values()):
         raise UserError(f"no data for {sum(map(bool, missing.values()))} of the {len(tasks)} tasks: " + ", ".join(
@@ -512,7 +516,7 @@ def plan_suite(given, out, ctx, resume, default_data_dir):
     if ctx.rank == 0 and not resume:
         os.makedirs(out, exist_ok=True)
         save_atomic(json.dumps(options, indent=1), suite_file)
-    return plan
+    return list(plan.values())
 
 
 def read_suite(path, out):

@@ -1639,6 +1639,26 @@ def test_robust_resume_keeps_the_run_own_weights_when_they_move(_robust_weights,
     _robust_fails(["--resume", out, "--workers", "0"], capsys, weights, "not there now", "--weights")
     assert run_train("--resume", out, "--workers", "0", "--weights", tmp_path / "moved.npz") == 0
     assert [m["epoch"] for m in metrics(out)] == [1, 2]
+    os.remove(tmp_path / "moved.npz")  # a finished run needs no weights to be resumed: it says it is done
+    assert run_train("--resume", out, "--workers", "0") == 0
+    assert "has finished its 2 epochs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("failure", [urllib.error.URLError("no network"), ConnectionResetError(104, "reset by peer"),
+                                     TimeoutError("timed out")])
+def test_robust_a_failed_download_is_not_blamed_on_the_cache(tmp_path, monkeypatch, capsys, failure):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))  # writable: the network is at fault
+
+    def download(url, dst, **kw):
+        raise failure
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    line = _robust_fails(_robust_args(tmp_path / "out", weights="auto"), capsys, "could not download",
+                         type(failure).__name__, vit.URLS["vit_t16"], "--weights PATH")
+    assert "TORCH_HOME" not in line and "cannot write" not in line
+
+
+def test_robust_a_mistyped_resume_folder_is_named(tmp_path, capsys):
+    _robust_fails(["--resume", tmp_path / "runz"], capsys, f"--resume {tmp_path / 'runz'}: no such folder")
 
 
 @pytest.mark.parametrize("option, value", [("lr", "1e38"), ("lr", "inf"), ("lr", "nan"), ("weight_decay", "1e300"),

@@ -12,8 +12,7 @@ A setting comes from the command line if given there; else, with --resume, from 
 from the authors' recipe for the task and model (what the official scripts ran; see the README). A
 run's folder gets metrics.jsonl (a line an epoch), checkpoint.pth (every epoch), adapters.pth (the
 trained tensors) and folded.pth (the plain model, adapters folded in); a suite gets a folder per task,
-and results.md and results.json after each task. The plumbing around the loop (files, resume, stop
-requests, processes, suites' tables) is in runs.py.
+and results.md and results.json after each task.
 """
 import argparse
 import math
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 
 import arc
 import data
-import runs
+import runs  # the plumbing around the loop: files, resume, stop requests, processes, suites
 import swin
 import vit
 from runs import UserError
@@ -170,11 +169,11 @@ def build_model(cfg, num_classes):
         raise UserError(f"--img-size {cfg.img_size} does not suit --model {cfg.model}: {e}") from None
 
 
-def prepare_model(cfg, num_classes, weights):
+def prepare_model(cfg, num_classes, weights_path):
     """The model of `cfg` with its pretrained weights, and only what its method trains trainable."""
     torch.manual_seed(cfg.seed)  # with --weights none the frozen backbone is the seed's random init
     model = build_model(cfg, num_classes)
-    runs.load_weights(model, cfg.model, cfg.weights, weights)
+    runs.load_weights(model, cfg.model, cfg.weights, weights_path)
     mark_trainable(model, cfg.method)
     return model
 
@@ -203,10 +202,11 @@ def lr_at(step, cfg, steps_per_epoch):
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_step(net, optimizer, params, images, labels, weight):
-    """Forward, backward, clip, AdamW. Returns the loss as a device tensor: no host sync here."""
+def train_step(net, optimizer, params, images, labels, loss_weight):
+    """Forward, backward, clip, AdamW. `loss_weight` turns the summed loss of this process's images into its
+    part of the batch mean (runs.shares). Returns the loss as a device tensor: no host sync here."""
     with autocast(images.device):
-        loss = F.cross_entropy(net(data.normalize(images)), labels, reduction="sum") * weight
+        loss = F.cross_entropy(net(data.normalize(images)), labels, reduction="sum") * loss_weight
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -218,9 +218,9 @@ def train_step(net, optimizer, params, images, labels, weight):
 def evaluate(model, loader, batch_size, ctx):
     """Test accuracy in %, counted on the device and summed over processes."""
     model.eval()
-    indices, weights = runs.shares(torch.arange(len(loader)), batch_size, ctx)
+    indices, loss_weights = runs.shares(torch.arange(len(loader)), batch_size, ctx)
     counts = torch.zeros(2, device=ctx.device)  # correct, total: one host sync at the end
-    for images, labels in loader([i for i, w in zip(indices, weights) if w]):
+    for images, labels in loader([i for i, w in zip(indices, loss_weights) if w]):  # weight 0: a stand-in image
         with autocast(ctx.device):
             counts[0] += (model(data.normalize(images)).argmax(-1) == labels).sum()
         counts[1] += len(labels)
@@ -236,7 +236,8 @@ def evaluate(model, loader, batch_size, ctx):
 
 class Run(SimpleNamespace):
     """One run's state: ctx (where this process runs), cfg (settings), out (its folder), model, task, params
-    (what trains), optimizer, history (a metrics dict per finished epoch), seconds (where the time went)."""
+    (what trains), optimizer, history (a metrics dict per finished epoch), seconds (where the time went).
+    runs.save_checkpoint and runs.restore_checkpoint read and write these fields."""
 
 
 def run_task(given, out, ctx, resume=None, task=None):
@@ -246,27 +247,29 @@ def run_task(given, out, ctx, resume=None, task=None):
     started = time.time()
     checkpoint = runs.read_checkpoint(resume, ctx.world) if resume else None
     cfg, sources, recipe_name = settings(given, checkpoint and checkpoint["config"])
+    done = checkpoint and runs.finished(out)
+    finished = bool(done) and done["epochs"] == cfg.epochs == len(checkpoint["history"])
     if checkpoint:
         runs.check_resume(given, checkpoint["config"], len(checkpoint["history"]), out)
+        runs.check_weights(given, checkpoint["config"], f"--resume {out}", needed=not finished)
     runs.check_out(out, fresh=not checkpoint)
     with torch.device("meta"):  # the options against the model, before any data is decoded
         build_model(cfg, num_classes=1)
     ctx.log(f"{cfg.data}: {cfg.model} {cfg.method}, {recipe_name} recipe; " + ", ".join(
         f"{key} {getattr(cfg, key)} ({sources[key]})" for key in ("rank", "batch_size", "epochs", "img_size", "seed",
                                                                   *RECIPE_KEYS) if sources[key] != "n/a"))
-    done = runs.finished(out)
-    if checkpoint and done and done["epochs"] == cfg.epochs == len(checkpoint["history"]):
+    if finished:
         ctx.log(f"{out} has finished its {cfg.epochs} epochs (--resume with more --epochs trains it for longer)")
         return done["result"]
     if task is None:
         runs.check_data(cfg.data, cfg.data_dir)
-    weights = runs.node_first(ctx, runs.weights_file, cfg.weights, cfg.model)  # a download comes before the decoding
-    cfg.weights_bytes = os.path.getsize(weights) if weights else 0
+    weights_path = runs.node_first(ctx, runs.weights_file, cfg.weights, cfg.model)  # a download before the decoding
+    cfg.weights_bytes = os.path.getsize(weights_path) if weights_path else 0  # its identity on --resume, --eval-only
     task = task or runs.node_first(ctx, data.build, cfg.data, cfg.data_dir, cfg.img_size, ctx.workers, ctx.log)
     cfg.classes = task.classes
     if checkpoint:
         runs.check_classes(checkpoint["config"]["classes"], task, f"--resume {out}: the run")
-    model = prepare_model(cfg, task.num_classes, weights).to(ctx.device)
+    model = prepare_model(cfg, task.num_classes, weights_path).to(ctx.device)
     params = [p for p in model.parameters() if p.requires_grad]
     ctx.log(f"{task.description}\n{cfg.model} {cfg.method}: {sum(p.numel() for p in params):,} trainable parameters; "
             f"{ctx.world} process(es) on {ctx.device}{', bf16 autocast' if ctx.device.type == 'cuda' else ''}; "
@@ -292,17 +295,17 @@ def train(run):
     pace = runs.Pace(ctx, (cfg.epochs - len(run.history)) * steps)
     with runs.StopFlag() as stop, runs.frozen_in_bf16(model, ctx.device.type == "cuda"):
         for epoch in range(len(run.history), cfg.epochs):
-            started, loss = time.time(), runs.LossMeter(ctx, steps)
+            started, losses = time.time(), runs.LossMeter(ctx, steps)
             order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-            indices, weights = runs.shares(order, cfg.batch_size, ctx)
+            indices, loss_weights = runs.shares(order, cfg.batch_size, ctx)
             for step, (images, labels) in enumerate(train_data(indices, seed=cfg.seed * 1000 + epoch)):
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(epoch * steps + step, cfg, steps)
-                loss.add(step, train_step(net, optimizer, run.params, images, labels, weights[step]))
+                losses.add(step, train_step(net, optimizer, run.params, images, labels, loss_weights[step]))
                 pace.step()
                 if stop.is_set(ctx.control):
                     raise runs.Interrupted(stop.signum, epoch)
-            epoch_loss = loss.mean(epoch, run.out)  # the epoch's one host sync: the GPU's work is done, timed
+            epoch_loss = losses.mean(epoch, run.out)  # the epoch's one host sync: the GPU's work is done, timed
             seconds = time.time() - started
             metrics = {"epoch": epoch + 1, "loss": epoch_loss, "lr": optimizer.param_groups[0]["lr"],
                        "train_s": round(seconds, 2), "images_per_s": round(len(train_data) / seconds, 1)}
@@ -394,9 +397,8 @@ def run_suite(given, out, ctx, resume):
     after every task. Resumed, it skips finished tasks and continues the others; options given then apply
     to this invocation (suite.json keeps the ones the suite started with)."""
     results = {}
-    for task, (folder, options) in runs.plan_suite(given, out, ctx, resume, os.path.abspath(DEFAULTS["data_dir"])).items():
-        resumable = os.path.exists(os.path.join(folder, "checkpoint.pth"))
-        results[os.path.basename(folder)] = run_task(options, folder, ctx, folder if resumable else None)
+    for folder, options, resume_from in runs.plan_suite(given, out, ctx, resume, os.path.abspath(DEFAULTS["data_dir"])):
+        results[os.path.basename(folder)] = run_task(options, folder, ctx, resume_from)
         if ctx.rank == 0:
             runs.write_results(out, results, options.get("model", DEFAULTS["model"]),
                                options.get("method", DEFAULTS["method"]))
@@ -410,7 +412,8 @@ def main(argv=None):
     ctx = runs.setup_distributed(args.device, args.workers)
     resume = args.resume and os.path.abspath(args.resume)
     folder = resume and runs.run_folder(resume)
-    suite = bool(folder) and os.path.isfile(os.path.join(folder, "suite.json")) or runs.suite_tasks(given.get("data", ""))
+    in_suite = bool(folder) and os.path.isfile(os.path.join(folder, "suite.json"))  # --resume names a suite's folder
+    suite = in_suite or bool(runs.suite_tasks(given.get("data", "")))
     name = "_".join([os.path.basename(os.path.normpath(given.get("data", DEFAULTS["data"]))).replace(",", "+"),
                      given.get("model", DEFAULTS["model"]), given.get("method", DEFAULTS["method"])])
     out = folder or args.out or os.path.join("runs", name)
