@@ -298,7 +298,7 @@ def read_saved(path, option, keys, what):
     except FileNotFoundError:
         raise UserError(f"{option} {path}: no such file") from None
     except Exception:
-        raise UserError(f"{option} {path} is unreadable: it is {arc.describe_file(path)}") from None
+        raise UserError(f"{option} {path} is unreadable: it is {vit.describe_file(path)}") from None
     if not isinstance(saved, dict) or not set(keys) <= saved.keys():
         raise UserError(f"{option} {path} is not {what} written by train.py")
     return saved
@@ -448,7 +448,7 @@ def load_weights(model, model_name, weights, path):
     try:
         if path:
             (vit if model_name.startswith("vit") else swin).load_pretrained(model, path)
-    except arc.CheckpointError as e:
+    except vit.CheckpointError as e:
         advice = ("; --weights auto downloaded it: delete it, and the next run downloads it again"
                   if weights == "auto" else "")
         raise UserError(f"--weights {e}{advice}") from None

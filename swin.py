@@ -1,7 +1,9 @@
-"""Swin Transformer (Liu et al., 2021) from scratch, with optional ARC adapters (arc.py).
+"""Swin Transformer (Liu et al., 2021) from scratch, with optional ARC adapters (arc.py), and its published
+weights. Depends on torch, arc.py and vit.py (whose weight-file readers it shares): copy the three together.
 
     model = swin_b(num_classes=47, arc="arc")           # or arc="arc_att", or arc=None (plain Swin)
-    load_pretrained(model, "swin_base_patch4_window7_224_22kto1k.pth")  # Microsoft .pth or timm state dict
+    load_pretrained(model, "auto")                      # Microsoft's 22k-to-1k weights, downloaded once
+    load_pretrained(model, "swin_base_patch4_window7_224_22k.pth")  # or a file: Microsoft .pth or timm state dict
     logits = model(images)                              # images: (B, 3, 224, 224), ImageNet mean/std
 
 Parameter names follow Microsoft's release (layers.{s}.blocks.{j}.attn.qkv, layers.{s}.downsample at
@@ -9,9 +11,12 @@ the end of stages 0-2, head), so its .pth files load as they are; timm >= 0.9 st
 on loading. The relative position index and shifted-window mask are rebuilt, never read from a file.
 
 ARC shares its projections per stage, since stage widths differ: layers.{s}.down_proj_att/_ffn (W),
-and blocks.{j}.adapter_{att,ffn} (c, b). Both adapters transform a LayerNorm output, so
-arc.reparameterize(model) folds them into attn.qkv and mlp.fc1 as for the ViT. The official ARC
-Swin code instead puts the FFN adapter on the residual stream before norm2, where it cannot be folded.
+and layers.{s}.blocks.{j}.adapter_{att,ffn} (c, b), filled in by arc.add_adapters. Both adapters
+transform a LayerNorm output, so arc.reparameterize(model) folds them into attn.qkv and mlp.fc1 as for
+the ViT: the method as the paper describes it, at zero inference cost. The official ARC Swin code
+(Model/ARC_swin_b.py), which produced the paper's Swin numbers, puts the FFN adapter on the residual
+stream instead, x = A_ffn(x); x = x + MLP(norm2(x)), where it changes the skip path too and cannot be
+folded: ffn_adapter="residual" builds that, for an exact reproduction.
 
 As in the official ARC Swin code: `drop_path` is the stochastic-depth rate of the last block, the rates
 rising linearly from 0 at the first (its runs used 0.1); the classifier head starts truncated-normal
@@ -23,8 +28,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arc import ARCAdapter, SharedProjection, load_backbone, read_state_dict
+from arc import add_adapters
+from vit import CheckpointError, download, load_backbone, read_state_dict
 
+CONFIGS = {  # name -> width of the first stage, blocks per stage, heads per stage
+    "swin_t": (96, (2, 2, 6, 2), (3, 6, 12, 24)), "swin_s": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
+    "swin_b": (128, (2, 2, 18, 2), (4, 8, 16, 32)), "swin_l": (192, (2, 2, 18, 2), (6, 12, 24, 48)),
+}
+# What each block's adapters feed, for each place of the FFN-side adapter: in front of fc1 (foldable), or
+# on the residual stream, in front of norm2 and the skip path (the official ARC Swin's, not foldable)
+TARGETS = {"norm2": {"att": "layers.*.blocks.*.attn.qkv", "ffn": "layers.*.blocks.*.mlp.fc1"},
+           "residual": {"att": "layers.*.blocks.*.attn.qkv", "ffn": "layers.*.blocks.*.norm2"}}
 # Pre-trained on ImageNet-22k, then fine-tuned on ImageNet-1k (Microsoft's model zoo): what the official ARC
 # Swin code's `pretrained=True` loads (its default_cfgs name the 22kto1k file), though the paper's text
 # suggests the 22k-only files. Those (e.g. .../v1.0.0/swin_base_patch4_window7_224_22k.pth) still load by
@@ -132,21 +146,17 @@ class Block(nn.Module):
     """x = x + W-MSA(A_att(LN1(x))); x = x + FFN(A_ffn(LN2(x))), the attention over (shifted) windows.
 
     The attention adapter acts on the normed tokens before the window partition: it is token-wise, so
-    the order does not matter, and it stays right in front of qkv for folding.
+    the order does not matter, and it stays right in front of qkv for folding. Without ARC the adapters
+    are identities: slots that arc.add_adapters fills.
     """
 
-    def __init__(self, dim, heads, resolution, window, shift, down_proj_att=None, down_proj_ffn=None,
-                 adapter_dropout=0.1, drop_path=0.0):
+    def __init__(self, dim, heads, resolution, window, shift, drop_path=0.0, ffn_adapter="norm2"):
         super().__init__()
-        self.resolution, self.window, self.shift = resolution, window, shift
+        self.resolution, self.window, self.shift, self.ffn_adapter = resolution, window, shift, ffn_adapter
         self.norm1, self.attn = nn.LayerNorm(dim), WindowAttention(dim, heads, window)
         self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, 4 * dim)
         self.drop_path = DropPath(drop_path)  # stochastic depth, one rate for both residual branches
-        self.adapter_att = self.adapter_ffn = nn.Identity()
-        if down_proj_att is not None:
-            self.adapter_att = ARCAdapter(down_proj_att, self.attn.qkv, adapter_dropout, identity_init=True)
-        if down_proj_ffn is not None:
-            self.adapter_ffn = ARCAdapter(down_proj_ffn, self.mlp.fc1, adapter_dropout)
+        self.adapter_att, self.adapter_ffn = nn.Identity(), nn.Identity()
         self.register_buffer("attn_mask", shift_mask(resolution, window, shift) if shift else None,
                              persistent=False)
 
@@ -160,6 +170,9 @@ class Block(nn.Module):
         if self.shift:
             h = torch.roll(h, (self.shift, self.shift), dims=(1, 2))
         x = x + self.drop_path(h.reshape(B, L, C))
+        if self.ffn_adapter == "residual":  # the official ARC Swin: the skip path carries A_ffn(x) too
+            x = self.adapter_ffn(x)
+            return x + self.drop_path(self.mlp(self.norm2(x)))
         return x + self.drop_path(self.mlp(self.adapter_ffn(self.norm2(x))))
 
 
@@ -181,21 +194,15 @@ class PatchMerging(nn.Module):
 
 class Stage(nn.Module):
     """Blocks at one resolution, alternating plain and shifted windows, then (but last) a patch merging.
-    Under ARC it owns the stage's shared projections. drop_paths: one stochastic-depth rate per block."""
+    Under ARC it owns the stage's shared projections (W). drop_paths: one stochastic-depth rate per block."""
 
-    def __init__(self, dim, depth, heads, resolution, window, downsample, arc, rank, adapter_dropout,
-                 drop_paths):
+    def __init__(self, dim, depth, heads, resolution, window, downsample, drop_paths, ffn_adapter):
         super().__init__()
         shift = window // 2
         if resolution <= window:  # Microsoft's rule: one window covers the map, nothing to shift
             window, shift = resolution, 0
-        if arc:
-            self.down_proj_att = SharedProjection(dim, rank)
-        if arc == "arc":
-            self.down_proj_ffn = SharedProjection(dim, rank)
-        self.blocks = nn.ModuleList(
-            Block(dim, heads, resolution, window, shift if j % 2 else 0, getattr(self, "down_proj_att", None),
-                  getattr(self, "down_proj_ffn", None), adapter_dropout, drop_paths[j]) for j in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, resolution, window, shift if j % 2 else 0, drop_paths[j],
+                                          ffn_adapter) for j in range(depth))
         self.downsample = PatchMerging(dim, resolution) if downsample else nn.Identity()
 
     def forward(self, x):
@@ -206,10 +213,14 @@ class Stage(nn.Module):
 
 class SwinTransformer(nn.Module):
     def __init__(self, dim, depths, heads, window=7, patch_size=4, num_classes=1000, img_size=224,
-                 arc=None, rank=50, adapter_dropout=0.1, drop_path=0.0):
+                 arc=None, rank=50, adapter_dropout=0.1, drop_path=0.0, ffn_adapter="norm2"):
         super().__init__()
         if arc not in (None, "arc", "arc_att"):
             raise ValueError(f"arc must be None, 'arc' or 'arc_att', not {arc!r}")
+        if ffn_adapter not in TARGETS:
+            raise ValueError(f"ffn_adapter must be 'norm2' (foldable) or 'residual' (the official ARC Swin's), "
+                             f"not {ffn_adapter!r}")
+        self.config = (dim, tuple(depths), tuple(heads))
         if not 0 <= drop_path < 1:
             raise ValueError(f"drop_path must be in [0, 1), not {drop_path}")
         stride = patch_size * 2 ** (len(depths) - 1)  # each patch merging halves the map
@@ -227,14 +238,16 @@ class SwinTransformer(nn.Module):
         rates = torch.linspace(0, drop_path, sum(depths), device="cpu").tolist()  # over all blocks of all stages
         starts = [sum(depths[:s]) for s in range(len(depths))]
         self.layers = nn.ModuleList(
-            Stage(dim * 2 ** s, depth, heads[s], resolutions[s], window, s < len(depths) - 1, arc, rank,
-                  adapter_dropout, rates[starts[s]:starts[s] + depth]) for s, depth in enumerate(depths))
+            Stage(dim * 2 ** s, depth, heads[s], resolutions[s], window, s < len(depths) - 1,
+                  rates[starts[s]:starts[s] + depth], ffn_adapter) for s, depth in enumerate(depths))
         self.norm = nn.LayerNorm(dim * 2 ** (len(depths) - 1))
         self.head = nn.Linear(dim * 2 ** (len(depths) - 1), num_classes)
         # the official ARC Swin's head init (its ViT's is zeros): timm's trunc_normal_(std=0.02), whose bounds
         # are absolute, +-2: 100 std, so in effect a normal distribution
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+        if arc:  # one W per stage, as the stages' widths differ
+            add_adapters(self, rank, arc, adapter_dropout, TARGETS[ffn_adapter])
 
     def forward(self, images):
         x = self.patch_embed.norm(self.patch_embed.proj(images).flatten(2).transpose(1, 2))
@@ -243,14 +256,20 @@ class SwinTransformer(nn.Module):
         return self.head(self.norm(x).mean(dim=1))
 
 
-def swin_t(**kw): return SwinTransformer(96, (2, 2, 6, 2), (3, 6, 12, 24), **kw)
-def swin_s(**kw): return SwinTransformer(96, (2, 2, 18, 2), (3, 6, 12, 24), **kw)
-def swin_b(**kw): return SwinTransformer(128, (2, 2, 18, 2), (4, 8, 16, 32), **kw)
-def swin_l(**kw): return SwinTransformer(192, (2, 2, 18, 2), (6, 12, 24, 48), **kw)
+def swin_t(**kw): return SwinTransformer(*CONFIGS["swin_t"], **kw)
+def swin_s(**kw): return SwinTransformer(*CONFIGS["swin_s"], **kw)
+def swin_b(**kw): return SwinTransformer(*CONFIGS["swin_b"], **kw)
+def swin_l(**kw): return SwinTransformer(*CONFIGS["swin_l"], **kw)
 
 
 def load_pretrained(model, path):
-    """Load a Microsoft Swin .pth or a timm (>= 0.9) Swin state dict into `model` (ARC or plain)."""
+    """Load a Microsoft Swin .pth or a timm (>= 0.9) Swin state dict into `model` (ARC or plain). "auto": the
+    published checkpoint of the model's size (URLS), downloaded once."""
+    if path == "auto":
+        name = next((name for name, config in CONFIGS.items() if config == model.config), None)
+        if name is None:
+            raise CheckpointError(f"no published weights for a Swin of (width, depths, heads) {model.config}")
+        path = download(URLS[name])
     sd = read_state_dict(path)
     # Microsoft merges patches at the end of a stage, so its stage 0 always has a downsample; timm
     # merges at the start of the next one, so its stage 0 never does (timm's own test). The head

@@ -157,16 +157,20 @@ def test_adapter_checkpoint_is_small_and_reloads(tmp_path):
         arc.load_arc_state_dict(vit.vit_b16(num_classes=47, arc="arc_att"), torch.load(path))
 
 
-def test_the_readme_example_runs(tmp_path, monkeypatch):
+def test_the_readme_example_on_a_torchvision_model_runs(tmp_path, monkeypatch, capsys):
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")) as f:
-        example = re.search(r"## ARC on a model of your own.*?```python\n(.*?)```", f.read(), re.S)[1]
+        example = re.search(r"## ARC on a model you already have.*?```python\n(.*?)```", f.read(), re.S)[1]
     monkeypatch.chdir(tmp_path)
     namespace = {}
-    exec(example, namespace)
-    net = namespace["net"]
-    assert not any(arc.is_arc(m) for m in net.modules()) and isinstance(net.blocks[0].adapter, torch.nn.Identity)
-    assert set(torch.load("adapters.pth")) == {"down_proj.weight", "head.weight", "head.bias"} | {
-        f"blocks.{i}.adapter.{t}" for i in range(4) for t in ("scale", "bias")}
+    exec(example.replace('weights="IMAGENET1K_V1"', "weights=None"), namespace)  # no download in the tests
+    assert capsys.readouterr().out == "132575\n"
+    model = namespace["model"]
+    assert type(model) is torchvision.models.VisionTransformer and not any(arc.is_arc(m) for m in model.modules())
+    assert set(torch.load("adapters.pth")) == {"encoder.down_proj_att.weight", "encoder.down_proj_ffn.weight",
+                                               "heads.head.weight", "heads.head.bias"} | {
+        f"encoder.layers.encoder_layer_{i}.adapter_{side}.{t}" for i in range(12) for side in ("att", "ffn")
+        for t in ("scale", "bias")}
+    torchvision.models.vit_b_16(num_classes=47).load_state_dict(torch.load("vit_b_16_arc.pth"), strict=True)
 
 
 def test_bad_configurations_are_refused():
@@ -257,11 +261,12 @@ def test_vit_logits_match_timm_on_the_same_google_npz(tmp_path):
     assert all(m.eps == 1e-6 for m in model.modules() if isinstance(m, torch.nn.LayerNorm))  # Google's eps
 
 
-def test_full_size_google_npz_loads_into_vit_b16(vit_b16_npz, capsys):
+def test_full_size_google_npz_loads_into_vit_b16(vit_b16_npz):
     path, arrays = vit_b16_npz
-    model = vit.load_pretrained(vit.vit_b16(num_classes=47, arc="arc"), path)
+    with pytest.warns(UserWarning, match="head not loaded"):
+        model = vit.load_pretrained(vit.vit_b16(num_classes=47, arc="arc"), path)
     assert_loaded_like_google(model, arrays)
-    assert torch.all(model.head.weight == 0) and "head not loaded" in capsys.readouterr().out
+    assert torch.all(model.head.weight == 0)
     model = vit.load_pretrained(vit.vit_b16(num_classes=21843), path)
     assert torch.equal(model.head.weight, torch.from_numpy(arrays["head/kernel"]).T)
 
@@ -282,32 +287,33 @@ def test_timm_layout_state_dict_round_trips(tmp_path):
     assert all(torch.equal(loaded[k], v) for k, v in source.state_dict().items())
 
 
-def test_position_embeddings_are_resized_for_another_image_size(tmp_path, capsys):
+def test_position_embeddings_are_resized_for_another_image_size(tmp_path):
     arrays = write_google_npz(tmp_path / "w.npz", 32, 2, 2, 64, 8, 5, 4)
     pos = torch.from_numpy(arrays["Transformer/posembed_input/pos_embedding"])
-    model = vit.load_pretrained(vit.VisionTransformer(8, 32, 2, 2, 64, num_classes=5, img_size=64), tmp_path / "w.npz")
+    with pytest.warns(UserWarning, match="resized from 16 to 64 patches"):
+        model = vit.load_pretrained(vit.VisionTransformer(8, 32, 2, 2, 64, num_classes=5, img_size=64),
+                                    tmp_path / "w.npz")
     assert model.pos_embed.shape == (1, 1 + 8 * 8, 32)
     assert torch.equal(model.pos_embed[:, 0], pos[:, 0])  # the class token's embedding is kept
     grid = model.pos_embed[0, 1:].view(8, 8, 32)
     assert torch.allclose(grid[::2, ::2].mean(), pos[0, 1:].mean(), atol=0.05)  # an interpolation, not noise
-    assert "resized from 16 to 64 patches" in capsys.readouterr().out
 
 
 def test_bad_weight_files_fail_with_a_clear_error(tmp_path):
     write_google_npz(tmp_path / "large.npz", 48, 2, 2, 64, 8, 5, 4)  # wider: another model size
-    with pytest.raises(arc.CheckpointError, match=r"large\.npz does not fit.*patch_embed\.proj\.weight \(48, 3, 8, 8\) vs \(32, 3, 8, 8\)"):
+    with pytest.raises(vit.CheckpointError, match=r"large\.npz does not fit.*patch_embed\.proj\.weight \(48, 3, 8, 8\) vs \(32, 3, 8, 8\)"):
         vit.load_pretrained(tiny_vit(num_classes=5), tmp_path / "large.npz")
     torch.save({"layers.0.blocks.0.attn.qkv.weight": torch.zeros(3)}, tmp_path / "swin.pth")
-    with pytest.raises(arc.CheckpointError, match=r"swin\.pth does not fit.*missing \['cls_token'"):
+    with pytest.raises(vit.CheckpointError, match=r"swin\.pth does not fit.*missing \['cls_token'"):
         vit.load_pretrained(tiny_vit(num_classes=5), tmp_path / "swin.pth")
-    with pytest.raises(arc.CheckpointError, match="no such file"):
+    with pytest.raises(vit.CheckpointError, match="no such file"):
         vit.load_pretrained(tiny_vit(), tmp_path / "absent.npz")
     write_google_npz(tmp_path / "w.npz", 32, 2, 2, 64, 8, 5, 4)
     (tmp_path / "cut.npz").write_bytes((tmp_path / "w.npz").read_bytes()[:5000])
-    with pytest.raises(arc.CheckpointError, match=r"cut\.npz: unreadable"):
+    with pytest.raises(vit.CheckpointError, match=r"cut\.npz: unreadable"):
         vit.load_pretrained(tiny_vit(), tmp_path / "cut.npz")
     (tmp_path / "text.pth").write_text("not a checkpoint")
-    with pytest.raises(arc.CheckpointError, match=r"text\.pth: unreadable"):
+    with pytest.raises(vit.CheckpointError, match=r"text\.pth: unreadable"):
         vit.load_pretrained(tiny_vit(), tmp_path / "text.pth")
 
 
@@ -345,6 +351,31 @@ def test_swin_logits_match_timm_on_the_same_weights(tmp_path):
     with torch.no_grad():
         logits = model(reference_images(2, 64))
     assert torch.allclose(logits, torch.tensor(TIMM_SWIN_LOGITS), atol=1e-5, rtol=0)
+
+
+def swin_reference_arc_tensors(rank=4):
+    """Deterministic ARC tensors for _swin_tiny(arc="arc", rank=rank), from numpy's seeded generator as above."""
+    rng = np.random.default_rng(1)
+    model = _swin_tiny(arc="arc", rank=rank, ffn_adapter="residual")
+    return {name: torch.from_numpy(rng.standard_normal(tuple(t.shape)).astype(np.float32) * 0.3)
+            for name, t in sorted(model.state_dict().items()) if "adapter" in name or "down_proj" in name}
+
+
+# The official ARC Swin (Model/ARC_swin_b.py at 8227d57, run with torch 2.11 and timm 1.0.31 outside this repo) at
+# _swin_tiny's size and rank 4, on swin_reference_weights() and swin_reference_arc_tensors() under its names
+# (layers.{s}.attn_u, mlp_u; blocks.{j}.attn_lambda, attn_lambda_bias, mlp_lambda, mlp_lambda_bias), in eval mode.
+OFFICIAL_ARC_SWIN_LOGITS = [[1.63588762, 0.10339437, 1.52439380, -0.59871161, -0.57261765],
+                            [1.99664140, 0.53178465, 1.74008203, -0.74502832, -0.25428307]]
+
+
+def test_swin_with_the_residual_ffn_adapter_gives_the_official_arc_swin_logits():
+    model = _swin_tiny(arc="arc", rank=4, ffn_adapter="residual").eval()
+    model.load_state_dict({**swin_reference_weights(), **swin_reference_arc_tensors()}, strict=True)
+    with torch.no_grad():
+        assert torch.allclose(model(reference_images(2, 64)), torch.tensor(OFFICIAL_ARC_SWIN_LOGITS), atol=1e-5, rtol=0)
+        foldable = _swin_tiny(arc="arc", rank=4).eval()  # the same tensors, the FFN adapter after norm2: another model
+        foldable.load_state_dict(model.state_dict(), strict=True)
+        assert (foldable(reference_images(2, 64)) - torch.tensor(OFFICIAL_ARC_SWIN_LOGITS)).abs().max() > 0.1
 
 
 def _swin_tiny(**kw):
@@ -394,6 +425,28 @@ def test_swin_folding_is_exact(method, img_size, drop_path):
             assert (folded - adapted).abs().max() < tol
             assert (plain(x) - adapted).abs().max() < tol
             assert adapted.std() > 0.1  # the adapters and head really do something
+
+
+@pytest.mark.parametrize("placement", ["norm2", "residual"])
+def test_swin_ffn_adapter_on_the_residual_stream_is_the_official_placement_and_does_not_fold(placement):
+    # with the MLP's output zeroed, a block's FFN branch adds nothing: whatever the FFN-side adapter still
+    # changes, it changes on the skip path. The official ARC Swin's adapter (residual) adds its b_l to every
+    # token there; the foldable one (norm2) only feeds the MLP, so it changes nothing
+    model = _swin_tiny(arc="arc", rank=4, ffn_adapter=placement).eval()
+    assert arc.mark_trainable(model) == arc.mark_trainable(_swin_tiny(arc="arc", rank=4))  # the same tensors
+    block = model.layers[0].blocks[1]
+    with torch.no_grad():
+        block.mlp.fc2.weight.zero_(), block.mlp.fc2.bias.zero_(), block.adapter_ffn.scale.zero_()
+        x = torch.randn(2, 256, 16)
+        before = block(x)
+        block.adapter_ffn.bias.copy_(torch.arange(16.0))
+        change = block(x) - before
+    assert torch.allclose(change, torch.arange(16.0).expand_as(change) * (placement == "residual"), atol=1e-5)
+    if placement == "residual":
+        with pytest.raises(ValueError, match="adapter_ffn .* transforms the input of a norm.*residual stream"):
+            arc.reparameterize(model)
+    with pytest.raises(ValueError, match="ffn_adapter must be 'norm2'"):
+        _swin_tiny(ffn_adapter="fc1")
 
 
 def test_swin_drop_path_rates_rise_linearly_over_all_blocks():
@@ -541,7 +594,7 @@ def test_swin_rejects_mismatching_checkpoints(tmp_path):
     torch.save(vit.VisionTransformer(16, 16, 1, 2, 32, img_size=32).state_dict(), tmp_path / "vit.pth")
     wider = swin.SwinTransformer(24, (2, 2, 2), (1, 2, 4), window=4, img_size=64, num_classes=5)
     for model, name in ((wider, "narrow.pth"), (_swin_tiny(), "vit.pth")):
-        with pytest.raises(arc.CheckpointError, match=re.escape(str(tmp_path / name))):
+        with pytest.raises(vit.CheckpointError, match=re.escape(str(tmp_path / name))):
             swin.load_pretrained(model, tmp_path / name)
 
 
@@ -554,6 +607,310 @@ def test_swin_rejects_mismatching_checkpoints(tmp_path):
 def test_swin_rejects_bad_arguments(kw, message):
     with pytest.raises(ValueError, match=message):
         swin.swin_t(**kw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ARC on the models people already have: timm, torchvision and transformers layouts, vit.py and swin.py
+
+
+class LayerScale(torch.nn.Module):
+    """DINOv2's per-channel scale after each branch (timm's ls1, ls2)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = torch.nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class TimmStyleBlock(torch.nn.Module):
+    """timm's ViT block by its module names (norm1, attn.qkv, attn.proj, ls1, norm2, mlp.fc1, mlp.fc2, ls2); its
+    forward calls no adapter, so add_adapters must hook it."""
+
+    def __init__(self, dim, heads, layer_scale=False):
+        super().__init__()
+        self.norm1, self.attn = torch.nn.LayerNorm(dim, eps=1e-6), vit.Attention(dim, heads)
+        self.norm2, self.mlp = torch.nn.LayerNorm(dim, eps=1e-6), vit.Mlp(dim, 2 * dim)
+        self.ls1, self.ls2 = (LayerScale(dim), LayerScale(dim)) if layer_scale else (torch.nn.Identity(),) * 2
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class TimmStyleViT(torch.nn.Module):
+    """timm's VisionTransformer by its names (patch_embed.proj, cls_token, reg_token, pos_embed, blocks, norm,
+    head); `registers`: DINOv2's register tokens. Without them, the names and shapes of tiny_vit(depth=3)."""
+
+    def __init__(self, dim=32, depth=3, layer_scale=False, registers=0):
+        super().__init__()
+        self.patch_embed = torch.nn.Module()
+        self.patch_embed.proj = torch.nn.Conv2d(3, dim, 8, 8)
+        self.cls_token = torch.nn.Parameter(torch.randn(1, 1, dim))
+        self.reg_token = torch.nn.Parameter(torch.randn(1, registers, dim)) if registers else None
+        self.pos_embed = torch.nn.Parameter(torch.randn(1, 17, dim) * 0.1)
+        self.blocks = torch.nn.Sequential(*[TimmStyleBlock(dim, 2, layer_scale) for _ in range(depth)])
+        self.norm, self.head = torch.nn.LayerNorm(dim, eps=1e-6), torch.nn.Linear(dim, 5)
+
+    def forward(self, images):
+        x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
+        if self.reg_token is not None:
+            x = torch.cat([x[:, :1], self.reg_token.expand(len(x), -1, -1), x[:, 1:]], dim=1)
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+class TimmStyleSwin(torch.nn.Module):
+    """timm's SwinTransformer by its names: layers.{s}.downsample at the start of stages 1-2, layers.{s}.blocks.{j},
+    head.fc. Its blocks attend over all tokens, not windows: add_adapters sees only names and widths."""
+
+    def __init__(self, dim=16, depths=(2, 2, 2)):
+        super().__init__()
+        self.patch_embed = torch.nn.Module()
+        self.patch_embed.proj = torch.nn.Conv2d(3, dim, 8, 8)
+        self.layers = torch.nn.Sequential()
+        for s, depth in enumerate(depths):
+            stage = torch.nn.Sequential()
+            stage.downsample = torch.nn.Linear(dim * 2 ** (s - 1), dim * 2 ** s) if s else torch.nn.Identity()
+            stage.blocks = torch.nn.Sequential(*[TimmStyleBlock(dim * 2 ** s, 2) for _ in range(depth)])
+            self.layers.append(stage)
+        self.norm, self.head = torch.nn.LayerNorm(dim * 2 ** s), torch.nn.Module()
+        self.head.fc = torch.nn.Linear(dim * 2 ** s, 5)
+
+    def forward(self, images):
+        x = self.layers(self.patch_embed.proj(images).flatten(2).transpose(1, 2))
+        return self.head.fc(self.norm(x).mean(1))
+
+
+class HFStyleAttention(torch.nn.Module):
+    """transformers 5's ViTAttention by its names: three projections fed the same tokens, and o_proj."""
+
+    def __init__(self, dim, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (torch.nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, hidden_states):
+        B, N, C = hidden_states.shape
+        split = lambda t: t.view(B, N, self.heads, -1).transpose(1, 2)
+        q, k, v = split(self.q_proj(hidden_states)), split(self.k_proj(hidden_states)), split(self.v_proj(hidden_states))
+        return self.o_proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+
+
+class HFStyleLayer(torch.nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.attention, self.mlp = HFStyleAttention(dim), vit.Mlp(dim, 2 * dim)
+        self.layernorm_before, self.layernorm_after = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+
+    def forward(self, hidden_states):
+        hidden_states = hidden_states + self.attention(self.layernorm_before(hidden_states))
+        return hidden_states + self.mlp(self.layernorm_after(hidden_states))
+
+
+class HFStyleViT(torch.nn.Module):
+    """transformers 5's ViTForImageClassification by its names: vit.embeddings, vit.layers.{i}, vit.layernorm,
+    classifier."""
+
+    def __init__(self, dim=32, depth=3):
+        super().__init__()
+        self.vit = torch.nn.Module()
+        self.vit.embeddings = torch.nn.Conv2d(3, dim, 8, 8)
+        self.vit.layers = torch.nn.ModuleList(HFStyleLayer(dim) for _ in range(depth))
+        self.vit.layernorm, self.classifier = torch.nn.LayerNorm(dim), torch.nn.Linear(dim, 5)
+
+    def forward(self, pixel_values):
+        x = self.vit.embeddings(pixel_values).flatten(2).transpose(1, 2)
+        for layer in self.vit.layers:
+            x = layer(x)
+        return self.classifier(self.vit.layernorm(x)[:, 0])
+
+
+def _torchvision_swin():
+    from torchvision.models.swin_transformer import SwinTransformer
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[1, 2], window_size=[4, 4],
+                           num_classes=5)
+
+
+ARC_FAMILIES = {  # name -> (a small model, its input size, [(width, blocks of that width)])
+    "timm ViT": (TimmStyleViT, 32, [(32, 3)]),
+    "timm DINOv2 (LayerScale, registers)": (lambda: TimmStyleViT(layer_scale=True, registers=2), 32, [(32, 3)]),
+    "timm Swin": (TimmStyleSwin, 32, [(16, 2), (32, 2), (64, 2)]),
+    "torchvision ViT": (lambda: torchvision.models.VisionTransformer(32, 8, 3, 2, 32, 64, num_classes=5), 32, [(32, 3)]),
+    "torchvision Swin": (_torchvision_swin, 32, [(16, 2), (32, 2)]),
+    "transformers ViT": (HFStyleViT, 32, [(32, 3)]),
+    "vit.py": (lambda: tiny_vit(num_classes=5), 32, [(32, 2)]),
+    "swin.py": (lambda: _swin_tiny(), 64, [(16, 2), (32, 2), (64, 2)]),
+}
+ARC_RANK = 4
+
+
+def _layer_weight(layer):
+    return layer.in_proj_weight if isinstance(layer, torch.nn.MultiheadAttention) else layer.weight
+
+
+def _arc_on(family, method="arc", dropout=0.1):
+    """(the plain model, a copy with ARC, its non-zero ARC tensors, in eval mode; input images) of a family."""
+    build, size, _ = ARC_FAMILIES[family]
+    torch.manual_seed(0)
+    plain = build().eval()
+    with torch.no_grad():
+        for name in arc.arc_state_dict(plain):  # the head alone; some start at zero, which would hide everything
+            plain.get_parameter(name).normal_(0, 0.5)
+    model = arc.add_adapters(copy.deepcopy(plain), rank=ARC_RANK, method=method, dropout=dropout)
+    with torch.no_grad():
+        for name in arc.arc_state_dict(model, head=None):
+            model.get_parameter(name).normal_(0, 0.3)
+    return plain, model, torch.randn(2, 3, size, size)
+
+
+@pytest.mark.parametrize("method", ["arc", "arc_att"])
+@pytest.mark.parametrize("family", list(ARC_FAMILIES))
+def test_add_adapters_counts_acts_and_folds_back_into_the_original_model(family, method):
+    build, _, widths = ARC_FAMILIES[family]
+    plain, model, images = _arc_on(family, method)
+    head = sum(v.numel() for v in arc.arc_state_dict(plain).values())
+    positions = arc.METHODS[method]  # 2 (d r + L (r + d)) per width for arc, half for arc_att
+    assert arc.mark_trainable(model) == len(positions) * sum(d * ARC_RANK + L * (ARC_RANK + d) for d, L in widths) + head
+    fed = [(name.rpartition("_")[2], adapter.bias.numel(), [(_layer_weight(layer), _layer_weight(layer).clone())
+                                                              for layer in adapter.feeds])
+           for name, adapter in model.named_modules() if isinstance(adapter, arc.ARCAdapter)]
+    with torch.no_grad():
+        reference, adapted = plain(images), model(images)
+        assert (adapted - reference).abs().max() > 0.05 * reference.abs().max()  # the adapters act
+        folded = arc.reparameterize(model)
+        assert (folded(images) - adapted).abs().max() <= 1e-5 * adapted.abs().max()
+    assert type(folded) is type(plain) and list(folded.state_dict()) == list(plain.state_dict())
+    assert [name for name, _ in folded.named_modules()] == [name for name, _ in plain.named_modules()]
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in folded.modules())  # every hook removed
+    fresh = build().eval()
+    fresh.load_state_dict(folded.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(fresh(images), folded(images))
+    # the weight changes at one position, stacked over the layers of one width, have rank r: the shared W
+    for position in positions:
+        for width, _ in widths:
+            changes = torch.cat([(after - before).double() for side, d, layers in fed if (side, d) == (position, width)
+                                 for after, before in layers])
+            assert torch.linalg.matrix_rank(changes, rtol=1e-5) == ARC_RANK, (position, width)
+
+
+@pytest.mark.parametrize("family", list(ARC_FAMILIES))
+def test_an_adamw_step_moves_only_the_arc_tensors_and_the_head(family):
+    _, model, images = _arc_on(family)
+    model.train()
+    arc.mark_trainable(model)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(images).logsumexp(-1).sum().backward()
+    optimizer.step()
+    moved = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert moved == set(arc.arc_state_dict(model)) and any(name.startswith(("head", "classifier")) for name in moved)
+
+
+@pytest.mark.parametrize("family", list(ARC_FAMILIES))
+def test_arc_state_dict_round_trips_into_a_second_model(family):
+    plain, model, images = _arc_on(family)
+    second = arc.add_adapters(copy.deepcopy(plain), rank=ARC_RANK)
+    arc.load_arc_state_dict(second, arc.arc_state_dict(model))
+    with torch.no_grad():
+        assert torch.equal(second(images), model(images))
+    with pytest.raises(ValueError, match="does not fit this model"):
+        arc.load_arc_state_dict(arc.add_adapters(copy.deepcopy(plain), rank=ARC_RANK, method="arc_att"),
+                                arc.arc_state_dict(model))
+
+
+def test_vit_py_with_arc_and_a_timm_vit_with_add_adapters_give_the_same_logits():
+    ours = randomize_arc(vit.VisionTransformer(8, 32, 3, 2, 64, num_classes=5, img_size=32, arc="arc",
+                                               rank=ARC_RANK)).eval()
+    timm_like = TimmStyleViT()  # timm's names: vit.py's backbone, then its ARC tensors, load as they are
+    timm_like.load_state_dict({k: v for k, v in ours.state_dict().items() if k in timm_like.state_dict()}, strict=True)
+    arc.load_arc_state_dict(arc.add_adapters(timm_like, rank=ARC_RANK).eval(), arc.arc_state_dict(ours))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(timm_like(images), ours(images))
+
+
+def test_q_k_and_v_projections_share_one_adapter_output_and_dropout_mask():
+    model = arc.add_adapters(HFStyleViT(), rank=ARC_RANK, dropout=0.5).train()
+    seen, computed = [], []
+    for layer in model.vit.layers:
+        layer.adapter_att.register_forward_hook(lambda module, args, out: computed.append(out))
+        for projection in (layer.attention.q_proj, layer.attention.k_proj, layer.attention.v_proj):
+            projection.register_forward_pre_hook(lambda module, args: seen.append(args[0]))  # after ARC's own hook
+    model(torch.randn(2, 3, 32, 32))
+    assert len(computed) == 3 and len(seen) == 9
+    assert all(seen[3 * i] is seen[3 * i + 1] is seen[3 * i + 2] is computed[i] for i in range(3))
+
+
+def test_torchvision_swin_b_and_vit_b_16_get_the_paper_s_parameter_counts():
+    model = arc.add_adapters(torchvision.models.swin_b(num_classes=47))  # per-stage W: 128, 256, 512, 1024 wide
+    assert arc.mark_trainable(model) == 218_464 + 1024 * 47 + 47
+    model = arc.add_adapters(torchvision.models.vit_b_16(num_classes=47), method="arc_att")
+    assert arc.mark_trainable(model, head="heads") == 84_359
+
+
+class FunctionalAttention(vit.Attention):
+    """Uses its qkv layer's weight with F.linear, never calling the layer (as torchvision's Swin attention does)."""
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = torch.nn.functional.linear(x, self.qkv.weight, self.qkv.bias)
+        q, k, v = qkv.view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        return self.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+
+
+def test_a_layer_used_through_its_weight_is_never_silently_left_without_adapters():
+    torch.manual_seed(0)
+    model = TimmStyleViT().eval()
+    for block in model.blocks:
+        block.attn.__class__ = FunctionalAttention
+    images = torch.randn(2, 3, 32, 32)
+    with pytest.raises(RuntimeError, match="never called in TimmStyleViT's forward.*'module:linear'"):
+        arc.add_adapters(copy.deepcopy(model), rank=ARC_RANK)(images)
+    # named as "the module that receives the tokens : the layer it applies to them", it works and folds
+    adapted = randomize_arc(arc.add_adapters(model, rank=ARC_RANK, targets={"att": "blocks.*.attn:qkv",
+                                                                            "ffn": "blocks.*.mlp.fc1"}))
+    with torch.no_grad():
+        expected = adapted(images)
+        assert (arc.reparameterize(adapted)(images) - expected).abs().max() < 1e-5
+    eva_like = TimmStyleViT()  # timm's EVA and BEiT: qkv without bias, q and v biases added by hand in F.linear
+    for block in eva_like.blocks:
+        block.attn.qkv = torch.nn.Linear(32, 96, bias=False)
+        block.attn.q_bias = torch.nn.Parameter(torch.zeros(32))
+    names = [name for name, _ in eva_like.named_modules()]
+    with pytest.raises(ValueError, match="blocks.0.attn.qkv has no bias.*EVA and BEiT.*not supported"):
+        arc.add_adapters(eva_like)
+    assert [name for name, _ in eva_like.named_modules()] == names  # refused whole: nothing added before the error
+
+
+def test_an_unrecognised_model_or_wrong_targets_get_one_clear_error():
+    with pytest.raises(ValueError, match=r"does not recognise Sequential: looked for the module names of timm "
+                                         r"SwinTransformer.*transformers ViT.*targets=\{'att': 'blocks\.\*\.attn\.qkv'"):
+        arc.add_adapters(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match=r"targets\['att'\] = 'blocks.\*.attention' names no module of TimmStyleViT"):
+        arc.add_adapters(TimmStyleViT(), targets={"att": "blocks.*.attention", "ffn": "blocks.*.mlp.fc1"})
+    model = TimmStyleViT()
+    with pytest.raises(ValueError, match="blocks.0.norm2 is a LayerNorm: ARC adapters feed, and fold into, nn.Linear"):
+        arc.add_adapters(model, targets={"att": "blocks.*.attn.qkv", "ffn": "blocks.*.norm2"})
+    assert not any(arc.is_arc(m) for m in model.modules()) and not model.blocks[0].attn.qkv._forward_pre_hooks
+    with pytest.raises(ValueError, match="method must be one of"):
+        arc.add_adapters(TimmStyleViT(), method="lora")
+    with pytest.raises(ValueError, match="exists already"):
+        arc.add_adapters(arc.add_adapters(TimmStyleViT()))
+    backbone = arc.add_adapters(HFStyleViT().vit, rank=ARC_RANK)  # transformers' ViTModel: no classifier
+    with pytest.raises(ValueError, match="Module has no module named head, heads, classifier: pass head="):
+        arc.mark_trainable(backbone)
+    assert arc.mark_trainable(backbone, head=None) == 2 * (32 * ARC_RANK + 3 * (ARC_RANK + 32))
+
+
+def test_a_copy_of_a_hooked_model_folds_without_touching_the_original():
+    _, model, images = _arc_on("transformers ViT")
+    with torch.no_grad():
+        adapted = model(images)
+        arc.reparameterize(copy.deepcopy(model))
+        assert torch.equal(model(images), adapted)  # the original keeps its adapters and hooks
 
 
 # ---------------------------------------------------------------------------------------------------

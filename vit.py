@@ -1,22 +1,36 @@
-"""Vision Transformer (Dosovitskiy et al., 2021) from scratch, with optional ARC adapters (arc.py).
+"""Vision Transformer (Dosovitskiy et al., 2021) from scratch, with optional ARC adapters (arc.py), and its
+published weights. Depends on torch, numpy (for Google's .npz files) and arc.py: copy the two together.
 
     model = vit_b16(num_classes=47, arc="arc")          # or arc="arc_att", or arc=None (plain ViT)
-    load_pretrained(model, "ViT-B_16.npz")              # Google .npz or a timm-style state dict
+    load_pretrained(model, "auto")                      # Google's ImageNet-21k weights, downloaded once
+    load_pretrained(model, "ViT-B_16.npz")              # or a file: Google .npz or a timm-style state dict
     logits = model(images)                              # images: (B, 3, 224, 224), normalised
 
 Parameter names follow timm (cls_token, pos_embed, blocks.{i}.attn.qkv, ...), so timm state dicts
-load as they are; ARC adds down_proj_att/down_proj_ffn (W, shared) and blocks.{i}.adapter_{att,ffn}.
+load as they are, and a folded model loads into timm's. Each block calls its adapters explicitly,
+x = x + attn(adapter_att(norm1(x))), the form the paper gives; without ARC they are identities, and
+arc.add_adapters fills them (W: down_proj_att, down_proj_ffn; c_l, b_l: blocks.{i}.adapter_{att,ffn}).
 
 `dropout` is the official ARC ViT's "vit_drop": one rate after the position embedding, after the MLP's
 GELU and after its fc2; none in attention. It has no parameters, so state dicts do not change.
+Notes on loading (a head left out, position embeddings resized) are warnings: the caller shows them.
 """
+import os
+import tempfile
+import warnings
+import zipfile
+
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arc import ARCAdapter, CheckpointError, SharedProjection, describe_file, load_backbone, read_state_dict
+from arc import add_adapters, arc_state_dict
 
+CONFIGS = {  # name -> patch size, width, depth, heads, MLP width
+    "vit_t16": (16, 192, 12, 3, 768), "vit_s16": (16, 384, 12, 6, 1536), "vit_b16": (16, 768, 12, 12, 3072),
+    "vit_l16": (16, 1024, 24, 16, 4096), "vit_h14": (14, 1280, 32, 16, 5120),
+}
 # ImageNet-21k checkpoints: the original ones ARC starts from (B, L, H), and for Ti and S the AugReg ones
 # timm's pretrained configs name (vit_tiny_patch16_224.augreg_in21k, vit_small_patch16_224.augreg_in21k)
 URLS = {
@@ -28,6 +42,7 @@ URLS = {
     "vit_l16": "https://storage.googleapis.com/vit_models/imagenet21k/ViT-L_16.npz",
     "vit_h14": "https://storage.googleapis.com/vit_models/imagenet21k/ViT-H_14.npz",
 }
+TARGETS = {"att": "blocks.*.attn.qkv", "ffn": "blocks.*.mlp.fc1"}  # what each block's adapters feed
 
 
 class Attention(nn.Module):
@@ -55,18 +70,13 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """x = x + MHA(A_att(LN1(x))); x = x + FFN(A_ffn(LN2(x))). Without ARC the adapters are identities."""
+    """x = x + MHA(A_att(LN1(x))); x = x + FFN(A_ffn(LN2(x))), the adapters being identities without ARC."""
 
-    def __init__(self, dim, heads, mlp_dim, down_proj_att=None, down_proj_ffn=None, adapter_dropout=0.1,
-                 dropout=0.0):
+    def __init__(self, dim, heads, mlp_dim, dropout=0.0):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
         self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, mlp_dim, dropout)
-        self.adapter_att = self.adapter_ffn = nn.Identity()
-        if down_proj_att is not None:
-            self.adapter_att = ARCAdapter(down_proj_att, self.attn.qkv, adapter_dropout, identity_init=True)
-        if down_proj_ffn is not None:
-            self.adapter_ffn = ARCAdapter(down_proj_ffn, self.mlp.fc1, adapter_dropout)
+        self.adapter_att, self.adapter_ffn = nn.Identity(), nn.Identity()  # slots that arc.add_adapters fills
 
     def forward(self, x):
         x = x + self.attn(self.adapter_att(self.norm1(x)))
@@ -83,23 +93,20 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"img_size {img_size} is not a multiple of the patch size {patch_size}")
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), not {dropout}")
+        self.config = (patch_size, dim, depth, heads, mlp_dim)
         self.patch_size = patch_size
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(3, dim, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + (img_size // patch_size) ** 2, dim) * 0.02)
         self.pos_drop = nn.Dropout(dropout)
-        if arc:
-            self.down_proj_att = SharedProjection(dim, rank)
-        if arc == "arc":
-            self.down_proj_ffn = SharedProjection(dim, rank)
-        self.blocks = nn.ModuleList(
-            Block(dim, heads, mlp_dim, getattr(self, "down_proj_att", None),
-                  getattr(self, "down_proj_ffn", None), adapter_dropout, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, num_classes)
         nn.init.zeros_(self.head.weight)  # as the official recipe: the new task starts from zero logits
         nn.init.zeros_(self.head.bias)
+        if arc:
+            add_adapters(self, rank, arc, adapter_dropout, TARGETS)
 
     def forward(self, images):
         x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
@@ -109,11 +116,118 @@ class VisionTransformer(nn.Module):
         return self.head(self.norm(x[:, 0]))
 
 
-def vit_t16(**kw): return VisionTransformer(16, 192, 12, 3, 768, **kw)
-def vit_s16(**kw): return VisionTransformer(16, 384, 12, 6, 1536, **kw)
-def vit_b16(**kw): return VisionTransformer(16, 768, 12, 12, 3072, **kw)
-def vit_l16(**kw): return VisionTransformer(16, 1024, 24, 16, 4096, **kw)
-def vit_h14(**kw): return VisionTransformer(14, 1280, 32, 16, 5120, **kw)
+def vit_t16(**kw): return VisionTransformer(*CONFIGS["vit_t16"], **kw)
+def vit_s16(**kw): return VisionTransformer(*CONFIGS["vit_s16"], **kw)
+def vit_b16(**kw): return VisionTransformer(*CONFIGS["vit_b16"], **kw)
+def vit_l16(**kw): return VisionTransformer(*CONFIGS["vit_l16"], **kw)
+def vit_h14(**kw): return VisionTransformer(*CONFIGS["vit_h14"], **kw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weights files: the published checkpoints, downloaded once; Google's .npz and torch state dicts, read with
+# errors that say what the file is; loaded strictly, but for the head. swin.py uses these too.
+
+
+class CheckpointError(ValueError):
+    """A weights file that cannot be downloaded, is unreadable, or is made for another architecture."""
+
+
+def cached_file(url):
+    """Where torch hub's cache keeps the download of `url` (~/.cache/torch/hub/checkpoints; see TORCH_HOME)."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+
+
+def download(url, progress=True):
+    """The path of `url`'s file in torch hub's cache, downloaded there the first time (torch writes a
+    temporary file and renames it, so an interrupted download leaves nothing behind)."""
+    path = cached_file(url)
+    if os.path.exists(path):
+        return path
+    try:  # can the cache be written? Then whatever goes wrong below is the download's fault
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(dir=os.path.dirname(path)))
+    except OSError as e:
+        raise CheckpointError(f"cannot write torch hub's cache {os.path.dirname(path)} ({e.strerror}): set "
+                              f"TORCH_HOME to a folder you can write, or download {url} yourself") from None
+    try:
+        torch.hub.download_url_to_file(url, path, progress=progress)
+    except Exception as e:  # URLError, a reset connection, a timeout, an HTTP error: all leave no file
+        raise CheckpointError(f"could not download {url} ({type(e).__name__}: {e}). Looked for {path}: download "
+                              f"it by hand and put it there") from None
+    return path
+
+
+def read_state_dict(path):
+    """The state dict in a torch checkpoint file (.pth/.bin/.pt), also when nested under 'model' or
+    'state_dict' (Microsoft's and many training scripts' layout)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about the pickle protocol of files it then refuses
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except Exception:  # what torch says (a missing zip record, an unpickling opcode) would not tell a user why
+        raise CheckpointError(f"{path}: unreadable as a torch checkpoint: it is {describe_file(path)}") from None
+    for key in ("model", "state_dict"):
+        sd = sd.get(key, sd) if isinstance(sd, dict) else sd
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise CheckpointError(f"{path}: holds no state dict of tensors")
+    return sd
+
+
+def describe_file(path):
+    """What the file at `path` looks like, in words, for the message about a file that would not load."""
+    if os.path.isdir(path):
+        return "a folder, not a file: give the checkpoint file in it"
+    with open(path, "rb") as f:
+        head = f.read(1024)
+    if not head:
+        return "an empty file (an interrupted download?)"
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except zipfile.BadZipFile:
+            return "a zip archive cut short (an interrupted download?)"
+        if names and all(name.endswith(".npy") for name in names):
+            return "a NumPy .npz archive (Google's ViT format), not a torch checkpoint"
+        if any(name.endswith("data.pkl") for name in names):
+            return ("a torch file holding a pickled object, not a state dict of tensors (save "
+                    "model.state_dict() with torch.save, not the model)")
+        return "a zip archive of other files"
+    if head.startswith(b"\x80"):
+        return "a Python pickle, not a torch state dict (save model.state_dict() with torch.save)"
+    if head.lstrip().lower().startswith((b"<!doctype", b"<html", b"<?xml")):
+        return "a web page (a server's error page saved in place of the download?)"
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return "not a checkpoint in any format this loader knows"
+
+
+def load_backbone(model, state_dict, source, head="head"):
+    """Load pretrained weights into every tensor of `model` but ARC's: all must be present with the right
+    shapes. The head is loaded only when its shape fits; else it stays as initialised, with a warning."""
+    own = {k: v for k, v in model.state_dict().items() if k not in arc_state_dict(model, head=None)}
+    is_head = lambda k: k.startswith(f"{head}.")
+    missing = [k for k in own if k not in state_dict and not is_head(k)]
+    unexpected = [k for k in state_dict if k not in own and not is_head(k)]
+    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in state_dict and state_dict[k].shape != v.shape and not is_head(k)]
+    if missing or unexpected or wrong:
+        problems = [f"{what} {names[:4]}" for what, names in
+                    (("missing", missing), ("unexpected", unexpected), ("shape file vs model", wrong)) if names]
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems)
+                              + " (is it a checkpoint of this architecture and size?)")
+    head_keys = [k for k in own if is_head(k)]
+    if head_keys and not all(k in state_dict and state_dict[k].shape == own[k].shape for k in head_keys):
+        shapes = [tuple(state_dict[k].shape) for k in head_keys if k in state_dict]
+        warnings.warn(f"head not loaded from {source} (file {shapes or 'none'}, model "
+                      f"{[tuple(own[k].shape) for k in head_keys]}): it starts from its initialisation", stacklevel=3)
+        state_dict = {k: v for k, v in state_dict.items() if not is_head(k)}
+    model.load_state_dict(state_dict, strict=False)
+    return model
 
 
 def convert_npz(arrays):
@@ -159,7 +273,7 @@ def resize_pos_embed(pos_embed, num_patches):
 
 
 def read_checkpoint(path):
-    """A state dict from a Google .npz or a torch file (see arc.read_state_dict)."""
+    """A state dict from a Google .npz or a torch file (see read_state_dict)."""
     if not str(path).endswith(".npz"):
         return read_state_dict(path)
     try:
@@ -176,11 +290,18 @@ def read_checkpoint(path):
 
 
 def load_pretrained(model, path):
-    """Load a Google .npz or a timm-style ViT state dict into `model` (ARC or plain), resizing
-    position embeddings when the image size differs from the checkpoint's."""
+    """Load a Google .npz or a timm-style ViT state dict into `model` (ARC or plain), resizing position
+    embeddings when the image size differs from the checkpoint's. "auto": the published checkpoint of the
+    model's size (URLS), downloaded once."""
+    if path == "auto":
+        name = next((name for name, config in CONFIGS.items() if config == model.config), None)
+        if name is None:
+            raise CheckpointError(f"no published weights for a ViT of (patch, width, depth, heads, MLP) {model.config}")
+        path = download(URLS[name])
     sd = read_checkpoint(path)
     pos = sd.get("pos_embed")
     if pos is not None and pos.shape[-1] == model.pos_embed.shape[-1] and pos.shape != model.pos_embed.shape:
-        print(f"note: position embeddings resized from {pos.shape[1] - 1} to {model.pos_embed.shape[1] - 1} patches")
+        warnings.warn(f"position embeddings resized from {pos.shape[1] - 1} to {model.pos_embed.shape[1] - 1} "
+                      f"patches", stacklevel=2)
         sd["pos_embed"] = resize_pos_embed(pos, model.pos_embed.shape[1] - 1)
     return load_backbone(model, sd, path)
