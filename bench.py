@@ -39,11 +39,11 @@ def interleaved(calls, device, warmup, rounds):
     for round in range(warmup + rounds):
         for name, call in calls.items():
             if device.type == "cuda":
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(device)  # the device timed (--device cuda:1), not the current one
             start = time.perf_counter()
             call()
             if device.type == "cuda":
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(device)
             if round >= warmup:
                 seconds[name].append(time.perf_counter() - start)
     return {name: statistics.median(s) for name, s in seconds.items()}
@@ -87,7 +87,7 @@ def peak_memory(args, device, method):
     with contextlib.ExitStack() as stack:
         step = training_step(args, device, method, stack)
         step(), step()
-    torch.cuda.synchronize()
+    torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 

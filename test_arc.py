@@ -2129,6 +2129,14 @@ def test_bench_times_a_whole_dtd_shaped_run_through_train_py(capsys):
     assert set(result["seconds"]) == {"setup", "training", "testing", "finish"} and result["trainable"] == 34_079
 
 
+def test_bench_waits_for_the_device_it_times(monkeypatch):
+    import bench
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    bench.interleaved({"step": lambda: None}, torch.device("cuda:1"), warmup=1, rounds=2)
+    assert waited == [torch.device("cuda:1")] * 6  # before and after each of 3 calls, on the GPU it times
+
+
 def test_frozen_weights_in_bf16_give_what_autocast_gives_and_come_back_in_float32():
     model = randomize_arc(tiny_vit(num_classes=5, arc="arc")).eval()
     arc.mark_trainable(model)
