@@ -3,37 +3,27 @@
     task = build("dtd", data_dir="./data", img_size=224, workers=4)
     task.train, task.test          # torch Datasets yielding (uint8 tensor (3, H, W), int label)
     task.classes, task.description # class names (label i is classes[i]); one line for the log
-    for images, labels in Loader(task.train, device, workers)(index_batches): ...   # uint8 on the device
+    for images, labels in Loader(task.train, device)(index_batches, seed): ...  # uint8 batches on the device
 
-Every image comes out as uint8 (3, H, W); a Loader hands batches of them to the device, where
-normalize() converts to float and normalises with MEAN/STD, so loading never starves a GPU. Where the transform is
-deterministic (VTAB-1k, DTD, image folders, synthetic: Resize((img_size, img_size)) bicubic, the
-official VTAB recipe) each image is decoded and resized once, by `workers` processes, into a
-Preloaded dataset that can live on the GPU whole. The resize is PIL's Image.resize(BICUBIC), which
-is what torchvision's Resize does to the PIL images of the official scripts. FGVC trains with random
-crops and flips, so its Datasets decode on the fly.
+Every image is decoded and resized once, by `workers` processes, when the task is built; a Loader gathers
+batches where the split lives (on the device when it fits there) and normalize() converts them to float on
+the device, so loading never starves a GPU. VTAB-1k, DTD, image folders: Resize((S, S)) bicubic, the VTAB
+recipe (PIL's resize(BICUBIC) on the official scripts' PIL images). FGVC, as VPT and ARC: Resize(S * 256/224)
+of the shorter side, bilinear; then CenterCrop(S) for testing, once, and for training RandomCrop(S) and a
+horizontal flip, drawn from the epoch's seed (Resized.crops) and gathered for each batch.
 
-Names and layouts under data_dir:
-  <VTAB task>  vtab-1k/<task>/train800val200.txt (train) and test.txt (test), lines
-               '<image path relative to vtab-1k/<task>/> <label>', as NOAH, RepAdapter, SSF and ARC
-               read them (NOAH's get_vtab1k.py writes 'images/<split>/000000.jpg 12').
-  dtd          the VTAB-1k lists above when vtab-1k/dtd/train800val200.txt exists (the paper's exact
-               images); otherwise torchvision's DTD release under dtd/dtd/{images,labels}, downloaded
-               when absent, on the VTAB-1k protocol: train = the first 800 images of train1 plus the
-               first 200 of val1 in TFDS order (records sorted by md5(split name + file name), as
-               TFDS stores them and VTAB's 'train[:800]' / 'validation[:200]' slices them), test =
-               all of test1. Not the list files' order: the release groups them by class, so their
-               first 800 lines would miss most classes.
+Names and the files they are read from, under data_dir (_required_files):
+  <VTAB task>  vtab-1k/<task>/train800val200.txt (train) and test.txt (test), lines '<image path relative
+               to vtab-1k/<task>/> <label>', as NOAH (get_vtab1k.py), RepAdapter, SSF and ARC read them.
+  dtd          those lists when vtab-1k/dtd/train800val200.txt exists (the paper's images); else torchvision's
+               release in dtd/dtd/{images,labels}, downloaded when absent, on the VTAB-1k protocol (_dtd).
   cub nabirds flowers dogs cars
-               fgvc/<folder>/{train,test}.json from VPT's splits, mapping an image path (relative to
-               the image folder in FGVC_TASKS) to a class id; ids become 0..C-1 in sorted order.
-               Train on train.json alone, test on test.json: what VPT (train.py) and ARC
-               (FGVC_ARC_train.py) do for FGVC; val.json (a part of the official training set) is
-               left out, as there. Train: Resize(img_size * 256/224) + RandomCrop + horizontal flip;
-               test: the same Resize + CenterCrop; bilinear, torchvision's default, as VPT and ARC.
+               fgvc/<folder>/{train,test}.json of VPT's splits, mapping an image path (relative to the image
+               folder in FGVC_TASKS) to a class id (remapped to 0..C-1 in sorted order); val.json, a part of
+               the training set, is left out, as VPT and ARC do.
   synthetic    10 classes of coloured, oriented gratings with noise, generated at img_size (seed 0).
-  a path       (any name with a path separator, or an existing folder) with train/ and test/ (or
-               val/) class subfolders, as torchvision's ImageFolder; classes are train/'s subfolders.
+  a path       (any name with a path separator, or an existing folder) with train/ and test/ (or val/)
+               class subfolders, as torchvision's ImageFolder; the classes are train/'s subfolders.
 """
 import functools
 import hashlib
@@ -51,32 +41,31 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
-from torchvision.transforms.functional import pil_to_tensor
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet; train.py normalises on the device
 
 VTAB_TASKS = {  # task folder -> number of classes
-    "caltech101": 102, "cifar": 100, "dtd": 47, "oxford_flowers102": 102, "oxford_iiit_pet": 37,
-    "patch_camelyon": 2, "sun397": 397, "svhn": 10, "resisc45": 45, "eurosat": 10, "dmlab": 6,
-    "kitti": 4, "smallnorb_azi": 18, "smallnorb_ele": 9, "dsprites_loc": 16, "dsprites_ori": 16,
-    "clevr_dist": 6, "clevr_count": 8, "diabetic_retinopathy": 5,
-}
+    "caltech101": 102, "cifar": 100, "dtd": 47, "oxford_flowers102": 102, "oxford_iiit_pet": 37, "patch_camelyon": 2,
+    "sun397": 397, "svhn": 10, "resisc45": 45, "eurosat": 10, "dmlab": 6, "kitti": 4, "smallnorb_azi": 18,
+    "smallnorb_ele": 9, "dsprites_loc": 16, "dsprites_ori": 16, "clevr_dist": 6, "clevr_count": 8,
+    "diabetic_retinopathy": 5}
 FGVC_TASKS = {  # name -> (folder under <data_dir>/fgvc as ARC names it, image folder in it, classes)
-    "cub": ("CUB_200_2011", "images", 200),
-    "nabirds": ("NABirds", "images", 555),
-    "flowers": ("OxfordFlowers", "", 102),
-    "dogs": ("StanfordDogs", "Images", 120),
-    "cars": ("StanfordCars", "", 196),
-}
+    "cub": ("CUB_200_2011", "images", 200), "nabirds": ("NABirds", "images", 555),
+    "flowers": ("OxfordFlowers", "", 102), "dogs": ("StanfordDogs", "Images", 120), "cars": ("StanfordCars", "", 196)}
 VTAB_GROUPS = {  # the paper's Table 1, in its order
     "natural": ("cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397"),
     "specialized": ("patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"),
     "structured": ("clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "dsprites_ori", "smallnorb_azi",
-                   "smallnorb_ele"),
-}
+                   "smallnorb_ele")}
 SUITES = {"vtab-1k": [task for tasks in VTAB_GROUPS.values() for task in tasks], "fgvc": list(FGVC_TASKS)}
-VTAB_LAYOUT = ("the VTAB-1k layout of NOAH/RepAdapter/SSF: vtab-1k/<task>/train800val200.txt and test.txt "
-               "with lines '<image path relative to the task folder> <label>' (NOAH's get_vtab1k.py makes them)")
+LAYOUTS = {  # kind -> what its files should be, for the message when one is missing
+    "vtab": "expected the VTAB-1k layout of NOAH/RepAdapter/SSF: vtab-1k/<task>/{train800val200,test}.txt, "
+            "lines '<image path relative to the task folder> <label>' (NOAH's get_vtab1k.py makes them)",
+    "fgvc": "expected VPT's split files {train,val,test}.json (cornell.box.com/v/vptfgvcsplits) next to the images",
+    "dtd release": "dtd/dtd is not a complete DTD release (images/<class>/*.jpg and labels/{train,val,test}1.txt): "
+                   "delete it to download it again",
+    "folder": "--data needs train/ and test/ (or val/) subfolders with a folder of images per class, as "
+              "torchvision's ImageFolder: train/<class>/xxx.jpg"}
 SYNTHETIC_CLASSES, SYNTHETIC_TRAIN, SYNTHETIC_TEST = 10, 50, 20  # images per class
 
 
@@ -99,7 +88,7 @@ class Preloaded(Dataset):
     """A whole dataset decoded once: images uint8 (N, 3, H, W), labels int64 (N,)."""
 
     def __init__(self, images, labels):
-        self.images, self.labels = images, labels
+        self.images, self.labels, self.nbytes = images, labels, images.numel()
 
     def __len__(self):
         return len(self.labels)
@@ -107,16 +96,64 @@ class Preloaded(Dataset):
     def __getitem__(self, index):
         return self.images[index], int(self.labels[index])
 
+    def to(self, device):
+        return Preloaded(self.images.to(device), self.labels.to(device))
+
+
+class Resized(Dataset):
+    """A training split resized once, to crop per batch: the images differ in size, so their (3, h, w) uint8
+    pixels lie one after another in one tensor, `pixels`, from `offsets`, with `shapes` int64 (N, 2) their (h, w),
+    and a batch of crops is one gather. Labels int64 (N,); `size` the crops' side; item i: image i, uncropped."""
+
+    def __init__(self, pixels, shapes, labels, size):
+        self.pixels, self.shapes, self.labels, self.size, self.nbytes = pixels, shapes, labels, size, pixels.numel()
+        areas = 3 * shapes[:, 0] * shapes[:, 1]
+        self.offsets = areas.cumsum(0) - areas
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        (height, width), start = self.shapes[index].tolist(), int(self.offsets[index])
+        return self.pixels[start:start + 3 * height * width].view(3, height, width), int(self.labels[index])
+
+    def to(self, device):
+        return Resized(self.pixels.to(device), self.shapes.to(device), self.labels.to(device), self.size)
+
+    def crops(self, epoch_seed):
+        """(tops, lefts, flips) of every image in the epoch of `epoch_seed`, on the split's device, as RandomCrop and
+        RandomHorizontalFlip draw them. A private generator: image i gets the same whoever draws it and when (a
+        resumed run sees an uninterrupted one's crops), and the global ones, which dropout uses, are untouched."""
+        draws = torch.rand(len(self), 3, generator=torch.Generator().manual_seed(epoch_seed), dtype=torch.float64)
+        tops, lefts = (draws[:, :2] * (self.shapes.cpu() - self.size + 1)).long().unbind(1)
+        return tuple(t.to(self.pixels.device) for t in (tops, lefts, draws[:, 2] < 0.5))
+
+    def batch(self, index, crops):
+        """uint8 (B, 3, size, size): images `index` cropped and flipped as `crops` say. Row (c, y) of a crop: the `size`
+        pixels from offset + c h w + (top + y) w + left, gathered at once from pixels.unfold's view (no copy)."""
+        tops, lefts, flips = (t[index] for t in crops)
+        heights, widths = self.shapes[index, :, None, None].unbind(1)
+        steps = torch.arange(self.size, device=index.device)
+        planes = self.offsets[index, None, None] + torch.arange(3, device=index.device)[:, None] * heights * widths
+        starts = planes + (tops[:, None, None] + steps) * widths + lefts[:, None, None]  # (B, 3, size)
+        rows = self.pixels.unfold(0, self.size, 1).index_select(0, starts.flatten()).view(*starts.shape, self.size)
+        return torch.where(flips[:, None, None, None], rows.flip(-1), rows)
+
+
+def fits_on_device(nbytes, device):
+    """Whether a split of `nbytes` may live on `device` whole. On a GPU: at most half of its free memory, the
+    rest being the model's, its activations' and the next split's; CPU memory is where the split is anyway."""
+    return device.type != "cuda" or nbytes <= torch.cuda.mem_get_info(device)[0] // 2
+
 
 class Loader:
-    """Batches of a split as uint8 images and labels on `device`, for lists of indices. A Preloaded split
-    moves to the device whole, so a batch is one gather there; others are decoded by DataLoader workers
-    (FGVC's random crops, the same for image i in epoch e whichever worker decodes it: `seed`)."""
+    """Batches of a split as uint8 images and labels on `device`, for lists of indices (a Resized split cropped as
+    the epoch's seed says), each one gather where the split lives: on the device when it fits there, else in
+    host memory, which sends the batch alone (pinned, so that the copy overlaps the GPU's work)."""
 
-    def __init__(self, split, device, workers):
-        self.split, self.device, self.workers = split, device, workers
-        if isinstance(split, Preloaded):
-            self.images, self.labels = split.images.to(device), split.labels.to(device)
+    def __init__(self, split, device):
+        self.device = device
+        self.split = split.to(device if fits_on_device(split.nbytes, device) else torch.device("cpu"))
 
     def __len__(self):
         return len(self.split)
@@ -124,28 +161,15 @@ class Loader:
     def __call__(self, index_batches, seed=0):
         if not index_batches:  # under torchrun, a small test set can leave a process nothing to test
             return
-        if isinstance(self.split, Preloaded):
-            order = torch.cat(index_batches).to(self.device)  # one copy for the epoch, then slices of it
-            for index in order.split([len(i) for i in index_batches]):
-                yield self.images[index], self.labels[index]
-            return
-        self.split.seed = seed
-        loader = DataLoader(self.split, batch_sampler=[i.tolist() for i in index_batches], pin_memory=self.device.type
-                            == "cuda", generator=torch.Generator(), **workers_kw(self.workers))  # not dropout's RNG
-        for images, labels in loader:
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-
-
-def workers_kw(workers):
-    """DataLoader options for `workers` decoding processes, started by a fork server rather than forked from
-    this process: a fork taken while another thread holds a lock (torch.distributed's under torchrun, a
-    finished loader's queue feeder) can leave the worker hung at birth, and the whole run with it. The
-    server imports this module once, so a worker starts in milliseconds."""
-    if not workers or "forkserver" not in multiprocessing.get_all_start_methods():
-        return {"num_workers": workers}
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    return {"num_workers": workers, "multiprocessing_context": context}
+        home = self.split.labels.device
+        crops = self.split.crops(seed) if isinstance(self.split, Resized) else None  # once an epoch
+        order = torch.cat(index_batches).to(home)  # one copy for the epoch, then slices of it
+        for index in order.split([len(i) for i in index_batches]):
+            images = self.split.images[index] if crops is None else self.split.batch(index, crops)
+            labels = self.split.labels[index]
+            if home.type != self.device.type:
+                images, labels = (t.pin_memory().to(self.device, non_blocking=True) for t in (images, labels))
+            yield images, labels
 
 
 @functools.cache
@@ -166,27 +190,42 @@ def build(name, data_dir="./data", img_size=224, workers=4, log=print):
     kind = _kind(name, data_dir)
     if kind == "synthetic":
         return _synthetic(img_size)
-    if kind == "dtd release":
-        return _dtd(data_dir, img_size, workers, log)
-    if kind == "vtab":
-        return _vtab(name, data_dir, img_size, workers, log)
+    if absent := missing(name, data_dir):
+        raise DataError(f"{absent} not found: {LAYOUTS[kind]}")
+    train, test, classes, description = {"vtab": _vtab, "dtd release": _dtd, "fgvc": _fgvc, "folder": _folder}[kind](
+        name, data_dir)
+    decode = lambda samples, recipe, split: _decode(samples, functools.partial(_resize, size=img_size, recipe=recipe),
+                                                    workers, split, log)
+    square = lambda pixels, shapes, labels: Preloaded(pixels.view(len(labels), 3, img_size, img_size), labels)
     if kind == "fgvc":
-        return _fgvc(name, data_dir, img_size)
-    return _folder(name, img_size, workers, log)
+        return Task(Resized(*decode(train, "fgvc", "train"), img_size), square(*decode(test, "fgvc centre", "test")),
+                    classes, f"{description}, random {img_size} crops + flips for training, centre crops for testing")
+    return Task(square(*decode(train, "vtab", "train")), square(*decode(test, "vtab", "test")), classes,
+                f"{description}, resized to {img_size}x{img_size}")
 
 
 def missing(name, data_dir="./data"):
-    """Where the files of `name` were looked for, when they are not there; None when they are (or, for
-    DTD, can be downloaded). Cheap: it reads no image, so a run can check its data before anything else."""
-    kind, needed = _kind(name, data_dir), []
+    """The first file or folder that `name` reads (_required_files) and that is not there; None when all are
+    (or, for DTD, can be downloaded). Cheap: it reads no image, so a run can check its data first."""
+    kind = _kind(name, data_dir)
+    there = os.path.isdir if kind == "folder" else os.path.isfile
+    return next((path for path in _required_files(kind, name, data_dir) if not there(path)), None)
+
+
+def _required_files(kind, name, data_dir):
+    """The files or folders a dataset of `kind` is read from, in order: the layouts that build() and missing() use."""
     if kind == "vtab":
-        needed = [os.path.join(data_dir, "vtab-1k", name, file) for file in ("train800val200.txt", "test.txt")]
-    elif kind == "fgvc":
-        needed = [os.path.join(data_dir, "fgvc", FGVC_TASKS[name][0], file) for file in ("train.json", "test.json")]
-    elif kind == "folder":
-        needed = [os.path.join(name, "train")]
-    absent = [path for path in needed if not os.path.exists(path)]
-    return os.path.dirname(absent[0]) if absent else None
+        return [os.path.join(data_dir, "vtab-1k", name, file) for file in ("train800val200.txt", "test.txt")]
+    if kind == "fgvc":
+        return [os.path.join(data_dir, "fgvc", FGVC_TASKS[name][0], file) for file in ("train.json", "test.json")]
+    if kind == "dtd release":  # downloaded when its folder is absent; a folder there must be complete
+        root = os.path.join(data_dir, "dtd", "dtd")
+        return [os.path.join(root, "labels", f"{split}1.txt") for split in ("train", "val", "test")
+                ] if os.path.isdir(root) else []
+    if kind == "folder":  # test/, or else val/
+        has = lambda folder: os.path.isdir(os.path.join(name, folder))
+        return [os.path.join(name, "train"), os.path.join(name, "val" if has("val") and not has("test") else "test")]
+    return []  # synthetic: generated
 
 
 def is_path(name):
@@ -195,14 +234,11 @@ def is_path(name):
 
 
 def _kind(name, data_dir):
-    if name == "synthetic":
-        return "synthetic"
     if name == "dtd" and not os.path.isfile(os.path.join(data_dir, "vtab-1k", "dtd", "train800val200.txt")):
         return "dtd release"
-    if name in VTAB_TASKS:
-        return "vtab"
-    if name in FGVC_TASKS:
-        return "fgvc"
+    for kind, names in (("synthetic", ["synthetic"]), ("vtab", VTAB_TASKS), ("fgvc", FGVC_TASKS)):
+        if name in names:
+            return kind
     if is_path(name):
         return "folder"
     raise DataError(f"unknown dataset {name!r}: choose synthetic, a VTAB-1k task ({', '.join(VTAB_TASKS)}), "
@@ -210,87 +246,63 @@ def _kind(name, data_dir):
                     f"folder with train/ and test/ class subfolders")
 
 
-# ---- decoding -------------------------------------------------------------------------------------
-
 def _reason(error):
     return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
-def _open_rgb(path):
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # what PIL raises on bad files
-        raise DataError(f"cannot decode image {path} ({_reason(e)}): the file is corrupt or not an image; "
-                        f"replace it from the original dataset") from None
+def _resize(image, size, recipe):
+    """A PIL image resized by `recipe`: "vtab" Resize((size, size)) bicubic (PIL's own resize); "fgvc" Resize(size *
+    256/224) of the shorter side, bilinear (256 for 224, as VPT and ARC); "fgvc centre" that, then CenterCrop."""
+    if recipe == "vtab":
+        return image.resize((size, size), Image.Resampling.BICUBIC)
+    image = v2.functional.resize(image, [round(size * 256 / 224)])
+    return v2.functional.center_crop(image, [size]) if recipe == "fgvc centre" else image
 
 
-class _Decode(Dataset):
-    """Each path decoded and resized to (3, size, size) uint8, with an error message ('' when fine)."""
-
-    def __init__(self, paths, size):
-        self.paths, self.size = paths, size
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, index):
+def _decode_chunk(paths, transform):
+    """In a worker: (the (3, h, w) uint8 pixels of `paths` transformed, one after another: one block of shared
+    memory, not one an image; their (h, w); ''), or ('', '', the message of a bad file, for the caller to raise)."""
+    images = []
+    for path in paths:
         try:
-            image = _open_rgb(self.paths[index]).resize((self.size, self.size), Image.Resampling.BICUBIC)
-        except DataError as e:
-            # raised in a worker it would reach the caller buried in a traceback: hand the message back
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), str(e)
-        return pil_to_tensor(image), ""
+            with Image.open(path) as image:
+                images.append(v2.functional.pil_to_tensor(transform(image.convert("RGB"))))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # what PIL raises on bad files
+            return "", "", (f"cannot decode image {path} ({_reason(e)}): the file is corrupt or not an image; "
+                             f"replace it from the original dataset")
+    return torch.cat([image.flatten() for image in images]), torch.tensor([image.shape[1:] for image in images]), ""
 
 
-def _preload(samples, img_size, workers, split, log):
-    """Decode and resize every (path, label) once, in `workers` processes: a Preloaded dataset. Large splits
-    take minutes (SUN397's test set is 21,750 images), so progress shows on one line of a terminal."""
-    paths = [path for path, _ in samples]
-    # filled in place rather than torch.cat: the largest VTAB test sets take several GB at 224, held once
-    images = torch.empty(len(paths), 3, img_size, img_size, dtype=torch.uint8)
-    start, began = 0, time.time()
-    show = log is not None and sys.stderr.isatty()
-    for batch, errors in DataLoader(_Decode(paths, img_size), batch_size=64, **workers_kw(workers)):
-        broken = [error for error in errors if error]
-        if broken:
-            raise DataError(broken[0])
-        images[start:start + len(batch)] = batch
-        start += len(batch)
+def _decode(samples, transform, workers, split, log):
+    """(pixels, shapes, labels) of the (path, label) samples, decoded once by `workers` processes: see Resized.
+    Large splits take minutes (SUN397's test set is 21,750 images): progress shows on a terminal's line."""
+    chunks, shapes, began, show = [], [], time.time(), log is not None and sys.stderr.isatty()
+    options = {"num_workers": workers, "collate_fn": functools.partial(_decode_chunk, transform=transform)}
+    if workers and "forkserver" in multiprocessing.get_all_start_methods():
+        # Workers started by a fork server, not forked from this process: a fork taken while another thread holds
+        # a lock (torch.distributed's under torchrun, a finished loader's queue feeder) can hang the worker at
+        # birth, and the run with it. The server imports this module once, so a worker starts in milliseconds.
+        options["multiprocessing_context"] = multiprocessing.get_context("forkserver")
+        options["multiprocessing_context"].set_forkserver_preload([__name__])
+    for pixels, sizes, error in DataLoader([path for path, _ in samples], batch_size=64, **options):
+        if error:
+            raise DataError(error)
+        chunks.append(pixels)
+        shapes.append(sizes)
         if show:
-            print(f"\rdecoding {split}: {start:,}/{len(paths):,} images, {start / (time.time() - began):.0f} "
+            done = sum(map(len, shapes))
+            print(f"\rdecoding {split}: {done:,}/{len(samples):,} images, {done / (time.time() - began):.0f} "
                   f"images/s ", end="", file=sys.stderr, flush=True)
     if show:
         print("\r\033[K", end="", file=sys.stderr)  # clear the progress line
+    # chunks released as copied, pages taken as written: the largest splits (GBs) held about once, not twice
+    pixels, start = torch.empty(sum(map(len, chunks)), dtype=torch.uint8), 0
+    for i, chunk in enumerate(chunks):
+        pixels[start:start + len(chunk)], start, chunks[i] = chunk, start + len(chunk), None
     if log is not None:
-        seconds = time.time() - began
-        log(f"decoded {len(paths):,} {split} images in {seconds:.1f} s ({len(paths) / max(seconds, 1e-9):.0f} "
-            f"images/s)")
-    return Preloaded(images, torch.tensor([label for _, label in samples], dtype=torch.int64))
-
-
-class _OnTheFly(Dataset):
-    """(path, label) samples decoded and transformed at every access (random augmentation).
-
-    The random crop and flip of sample i come from a generator seeded with (seed, i): set `seed` once
-    an epoch, and every image is augmented the same way whichever worker decodes it, and when, so an
-    interrupted run that resumes mid-epoch sees the same images as one that was never stopped."""
-
-    seed = 0
-
-    def __init__(self, samples, transform):
-        self.samples, self.transform = samples, transform
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, index):
-        path, label = self.samples[index]
-        # Only the CPU generator, which fork_rng restores: torch.manual_seed would also reseed the CUDA one
-        # that dropout draws from, when this runs in the training process (--workers 0).
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(self.seed * 1_000_003 + index)
-            return self.transform(_open_rgb(path)), label
+        seconds = max(time.time() - began, 1e-9)
+        log(f"decoded {len(samples):,} {split} images in {seconds:.1f} s ({len(samples) / seconds:.0f} images/s)")
+    return pixels, torch.cat(shapes), torch.tensor([label for _, label in samples], dtype=torch.int64)
 
 
 def _validate(samples, source, num_classes):
@@ -300,30 +312,10 @@ def _validate(samples, source, num_classes):
     bad = next((label for _, label in samples if not 0 <= label < num_classes), None)
     if bad is not None:
         raise DataError(f"{source}: label {bad} is outside 0..{num_classes - 1} (is it the right file?)")
-    missing = [path for path, _ in samples if not os.path.isfile(path)]
-    if missing:
-        raise DataError(f"image {missing[0]} listed in {source} does not exist ({len(missing)} of "
+    absent = [path for path, _ in samples if not os.path.isfile(path)]
+    if absent:
+        raise DataError(f"image {absent[0]} listed in {source} does not exist ({len(absent)} of "
                         f"{len(samples)} listed images are missing; is the dataset fully extracted?)")
-
-
-# ---- VTAB-1k --------------------------------------------------------------------------------------
-
-def _read_list(list_file, folder, num_classes):
-    """[(folder/path, label)] from lines '<path relative to folder> <label>', checked."""
-    if not os.path.isfile(list_file):
-        raise DataError(f"{list_file} not found: expected {VTAB_LAYOUT}")
-    samples = []
-    for number, line in enumerate(_read_lines(list_file), 1):
-        if not line.strip():
-            continue
-        try:
-            relative, label = line.strip().rsplit(maxsplit=1)
-            samples.append((os.path.join(folder, relative), int(label)))
-        except ValueError:
-            raise DataError(f"{list_file}, line {number}: expected '<image path> <label>', "
-                            f"got {line.strip()!r}") from None
-    _validate(samples, list_file, num_classes)
-    return samples
 
 
 def _read_lines(text_file):
@@ -338,120 +330,84 @@ def _read_lines(text_file):
         raise DataError(f"cannot read {text_file} ({_reason(e)})") from None
 
 
-def _vtab(name, data_dir, img_size, workers, log):
-    folder = os.path.join(data_dir, "vtab-1k", name)
-    train, test = (_read_list(os.path.join(folder, file), folder, VTAB_TASKS[name])
-                   for file in ("train800val200.txt", "test.txt"))
-    return Task(_preload(train, img_size, workers, "train", log), _preload(test, img_size, workers, "test", log),
-                [str(label) for label in range(VTAB_TASKS[name])],
-                f"VTAB-1k {name} from {folder}: {len(train)} train (train800val200.txt) / {len(test)} test "
-                f"images, resized to {img_size}x{img_size}")
+def _vtab(name, data_dir):
+    """The samples of the two lists, from their lines '<image path relative to the task folder> <label>'."""
+    folder, splits = os.path.join(data_dir, "vtab-1k", name), []
+    for list_file in _required_files("vtab", name, data_dir):
+        splits.append([])
+        for number, line in enumerate(_read_lines(list_file), 1):
+            try:
+                if line.strip():
+                    relative, label = line.strip().rsplit(maxsplit=1)
+                    splits[-1].append((os.path.join(folder, relative), int(label)))
+            except ValueError:
+                raise DataError(f"{list_file}, line {number}: expected '<image path> <label>', got {line!r}") from None
+        _validate(splits[-1], list_file, VTAB_TASKS[name])
+    train, test = splits
+    return train, test, [str(label) for label in range(VTAB_TASKS[name])], (
+        f"VTAB-1k {name} from {folder}: {len(train)} train (train800val200.txt) / {len(test)} test images")
 
 
-# ---- DTD from torchvision's release ---------------------------------------------------------------
-
-def _download_dtd(data_dir):
-    """torchvision fetches and extracts the archive to <data_dir>/dtd/dtd, or finds it already there."""
-    url, root = torchvision.datasets.DTD._URL, os.path.join(data_dir, "dtd", "dtd")
-    archive = os.path.join(data_dir, "dtd", os.path.basename(url))
+def _dtd(_, data_dir):
+    """DTD's release (torchvision downloads it when its folder is absent) on the VTAB-1k protocol: the first 800
+    images of train1 and 200 of val1 in TFDS order (by md5(split name + file name), as TFDS stores them and VTAB's
+    'train[:800]' and 'validation[:200]' slice them; the lists group them by class), and test1."""
+    root, url = os.path.join(data_dir, "dtd", "dtd"), torchvision.datasets.DTD._URL
     try:
-        torchvision.datasets.DTD(data_dir, download=True)
+        if not os.path.isdir(root):  # the same test torchvision makes before downloading
+            torchvision.datasets.DTD(data_dir, download=True)
     except Exception as e:  # no network, a proxy's error page, a truncated archive: all leave no data
         raise DataError(f"DTD not found in {root}/images and downloading {url} failed ({_reason(e)}). Without "
-                        f"network: download {url} elsewhere and put it at {archive} (it is checked and "
-                        f"extracted on the next run), or extract it yourself so that "
-                        f"{root}/images/<class>/*.jpg and {root}/labels/train1.txt exist; or place the "
-                        f"VTAB-1k lists in {os.path.join(data_dir, 'vtab-1k', 'dtd')}") from None
-
-
-def _dtd_list(root, split):
-    """The 'class/file.jpg' lines of DTD's labels/<split>1.txt (partition 1, as VTAB uses)."""
-    list_file = os.path.join(root, "labels", f"{split}1.txt")
-    if not os.path.isfile(list_file):
-        raise DataError(f"{list_file} not found: {root} is not a complete DTD release (expected "
-                        f"images/<class>/*.jpg and labels/{{train,val,test}}1.txt); delete it to download again")
-    return list_file, [line.strip() for line in _read_lines(list_file) if line.strip()]
-
-
-def _tfds_order(names, split):
-    """`names` in the order TFDS stores a split: by md5(split name + key), the key being the file name."""
-    return sorted(names, key=lambda name: int(hashlib.md5((split + name).encode()).hexdigest(), 16))
-
-
-def _dtd(data_dir, img_size, workers, log):
-    root = os.path.join(data_dir, "dtd", "dtd")
-    if not os.path.isdir(root):  # the same test torchvision makes before downloading
-        _download_dtd(data_dir)
-    lists = {split: _dtd_list(root, split) for split in ("train", "val", "test")}  # split -> (file, names)
-    classes = sorted({name.split("/")[0] for _, names in lists.values() for name in names})  # as TFDS, torchvision
-    chosen = {"train": _tfds_order(lists["train"][1], "train")[:800],  # VTAB's train[:800]
-              "val": _tfds_order(lists["val"][1], "validation")[:200],  # and validation[:200]
-              "test": lists["test"][1]}
+                        f"network: download {url} elsewhere and put it at {os.path.dirname(root)}/"
+                        f"{os.path.basename(url)} (it is checked and extracted on the next run), or extract it "
+                        f"yourself so that {root}/images/<class>/*.jpg and {root}/labels/train1.txt exist; or place "
+                        f"the VTAB-1k lists in {os.path.join(data_dir, 'vtab-1k', 'dtd')}") from None
+    lists = dict(zip(("train", "validation", "test"), _required_files("dtd release", "dtd", data_dir)))
+    names = {split: [line.strip() for line in _read_lines(file) if line.strip()] for split, file in lists.items()}
+    classes = sorted({name.split("/")[0] for split in names.values() for name in split})  # as TFDS, torchvision
+    tfds_order = lambda split: sorted(names[split], key=lambda name: hashlib.md5((split + name).encode()).digest())
     samples = {}
-    for split, names in chosen.items():
-        samples[split] = [(os.path.join(root, "images", name), classes.index(name.split("/")[0]))
-                          for name in names]
-        _validate(samples[split], lists[split][0], len(classes))
-    train, test = samples["train"] + samples["val"], samples["test"]
-    return Task(_preload(train, img_size, workers, "train", log), _preload(test, img_size, workers, "test", log),
-                classes, f"DTD partition 1 from {root} on the VTAB-1k protocol: {len(train)} train (first 800 of train1 + "
-                f"200 of val1 in TFDS order) / {len(test)} test images, {len(classes)} classes, resized to "
-                f"{img_size}x{img_size}")
+    for split, chosen in (("train", tfds_order("train")[:800]), ("validation", tfds_order("validation")[:200]),
+                          ("test", names["test"])):
+        samples[split] = [(os.path.join(root, "images", name), classes.index(name.split("/")[0])) for name in chosen]
+        _validate(samples[split], lists[split], len(classes))
+    train, test = samples["train"] + samples["validation"], samples["test"]
+    return train, test, classes, (f"DTD partition 1 from {root} on the VTAB-1k protocol: {len(train)} train (first 800 "
+                                  f"of train1 + 200 of val1 in TFDS order) / {len(test)} test images, {len(classes)} "
+                                  f"classes")
 
 
-# ---- FGVC (VPT's json splits) ---------------------------------------------------------------------
-
-def _read_json(json_file, image_dir):
-    if not os.path.isfile(json_file):
-        raise DataError(f"{json_file} not found: expected VPT's FGVC split files {{train,val,test}}.json "
-                        f"(https://cornell.box.com/v/vptfgvcsplits) next to the images in {image_dir}")
-    try:
-        with open(json_file) as f:
-            annotations = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"{json_file} is not valid json ({_reason(e)}): download it again") from None
-    if not isinstance(annotations, dict):
-        raise DataError(f"{json_file} should map image paths to class ids")
-    return annotations
-
-
-def _fgvc_transforms(img_size):
-    resize = v2.Resize(round(img_size * 256 / 224))  # shorter side; 256 for 224 as VPT and ARC
-    return (v2.Compose([resize, v2.RandomCrop(img_size), v2.RandomHorizontalFlip(), v2.PILToTensor()]),
-            v2.Compose([resize, v2.CenterCrop(img_size), v2.PILToTensor()]))
-
-
-def _fgvc(name, data_dir, img_size):
+def _fgvc(name, data_dir):
     folder, subfolder, num_classes = FGVC_TASKS[name]
-    root = os.path.join(data_dir, "fgvc", folder)
-    image_dir = os.path.join(root, subfolder)
-    train_file, test_file = os.path.join(root, "train.json"), os.path.join(root, "test.json")
-    train, test = _read_json(train_file, image_dir), _read_json(test_file, image_dir)
+    train_file, test_file = _required_files("fgvc", name, data_dir)
+    root, image_dir = os.path.dirname(train_file), os.path.join(os.path.dirname(train_file), subfolder)
+    annotations = []
+    for file in (train_file, test_file):
+        try:
+            with open(file) as f:
+                annotations.append(json.load(f))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DataError(f"{file} is not valid json ({_reason(e)}): download it again") from None
+        if not isinstance(annotations[-1], dict):
+            raise DataError(f"{file} should map image paths to class ids")
+    train, test = annotations
     index = {class_id: i for i, class_id in enumerate(sorted(set(train.values())))}  # VPT's remapping
     unknown = next((class_id for class_id in test.values() if class_id not in index), None)
     if unknown is not None:
         raise DataError(f"{test_file}: class id {unknown!r} never occurs in {train_file}")
-    train_samples, test_samples = ([(os.path.join(image_dir, path), index[class_id])
-                                    for path, class_id in annotations.items()] for annotations in (train, test))
-    _validate(train_samples, train_file, num_classes)
-    _validate(test_samples, test_file, num_classes)
-    train_transform, test_transform = _fgvc_transforms(img_size)
+    train, test = ([(os.path.join(image_dir, path), index[class_id]) for path, class_id in annotations.items()]
+                   for annotations in (train, test))
+    _validate(train, train_file, num_classes)
+    _validate(test, test_file, num_classes)
     names = [str(class_id) for class_id in index]  # a partial copy of the set may miss some: the head keeps its size
-    return Task(_OnTheFly(train_samples, train_transform), _OnTheFly(test_samples, test_transform),
-                names + [f"(no images) {i}" for i in range(len(names), num_classes)],
-                f"FGVC {folder} from {root} (VPT json): {len(train_samples)} train (train.json) / "
-                f"{len(test_samples)} test images, {len(index)} classes, random {img_size} crops + flips for "
-                f"training, centre crops for testing")
+    return train, test, names + [f"(no images) {i}" for i in range(len(names), num_classes)], (f"FGVC {folder} from "
+        f"{root} (VPT json): {len(train)} train (train.json) / {len(test)} test images, {len(index)} classes")
 
-
-# ---- an image folder ------------------------------------------------------------------------------
 
 def _scan(split_dir, class_index):
     """[(path, label)] for the images under each class subfolder of split_dir, sorted as ImageFolder does."""
     samples = []
-    for entry in sorted(os.scandir(split_dir), key=lambda entry: entry.name):
-        if not entry.is_dir():
-            continue
+    for entry in sorted((entry for entry in os.scandir(split_dir) if entry.is_dir()), key=lambda entry: entry.name):
         if entry.name not in class_index:
             raise DataError(f"class folder {entry.path} has no counterpart in "
                             f"{os.path.join(os.path.dirname(split_dir), 'train')}: the classes must match")
@@ -463,44 +419,32 @@ def _scan(split_dir, class_index):
     return samples
 
 
-def _folder(path, img_size, workers, log):
-    train_dir = os.path.join(path, "train")
-    test_name = "test" if os.path.isdir(os.path.join(path, "test")) else "val"
-    test_dir = os.path.join(path, test_name)
-    if not os.path.isdir(train_dir) or not os.path.isdir(test_dir):
-        raise DataError(f"{path} needs train/ and test/ (or val/) subfolders with one folder of images per "
-                        f"class, as torchvision's ImageFolder: e.g. {train_dir}/<class>/xxx.jpg")
+def _folder(path, _):
+    train_dir, test_dir = _required_files("folder", path, None)
     classes = sorted(entry.name for entry in os.scandir(train_dir) if entry.is_dir())
     class_index = {name: i for i, name in enumerate(classes)}
     train, test = _scan(train_dir, class_index), _scan(test_dir, class_index)
-    return Task(_preload(train, img_size, workers, "train", log), _preload(test, img_size, workers, test_name, log),
-                classes, f"image folder {path}: {len(train)} train / {len(test)} {test_name} images, {len(classes)} "
-                f"classes, resized to {img_size}x{img_size}")
-
-
-# ---- synthetic ------------------------------------------------------------------------------------
-
-def _synthetic_split(per_class, size, generator):
-    """Class k: mean colour at angle 2 pi k / 10 on a colour wheel, plus a sinusoidal grating at angle
-    pi k / 10 with a random phase, plus pixel noise. The mean colour alone separates the classes, so
-    even a head on frozen random features learns them; the grating gives adapters something to find."""
-    labels = torch.arange(SYNTHETIC_CLASSES).repeat_interleave(per_class)
-    n, k = len(labels), labels.float()
-    channel_offsets = torch.tensor([0.0, 2 * math.pi / 3, 4 * math.pi / 3])
-    colour = 0.5 + 0.25 * torch.cos(2 * math.pi * k[:, None] / SYNTHETIC_CLASSES + channel_offsets)
-    y, x = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    angle = (math.pi * k / SYNTHETIC_CLASSES)[:, None, None]
-    phase = 2 * math.pi * torch.rand(n, 1, 1, generator=generator)
-    grating = torch.sin(2 * math.pi * 4 * (x * torch.cos(angle) + y * torch.sin(angle)) + phase)
-    images = colour[:, :, None, None] + 0.1 * grating[:, None] + 0.05 * torch.randn(n, 3, size, size,
-                                                                                  generator=generator)
-    return Preloaded((images.clamp(0, 1) * 255).round().to(torch.uint8), labels)
+    return train, test, classes, (f"image folder {path}: {len(train)} train / {len(test)} "
+                                  f"{os.path.basename(test_dir)} images, {len(classes)} classes")
 
 
 def _synthetic(img_size):
-    generator = torch.Generator().manual_seed(0)
-    train = _synthetic_split(SYNTHETIC_TRAIN, img_size, generator)
-    test = _synthetic_split(SYNTHETIC_TEST, img_size, generator)
-    return Task(train, test, [f"class {k}" for k in range(SYNTHETIC_CLASSES)],
-                f"synthetic: {SYNTHETIC_CLASSES} classes of coloured oriented gratings, {len(train)} train / "
-                f"{len(test)} test images at {img_size}x{img_size} (seed 0)")
+    """Class k: mean colour at angle 2 pi k / 10 on a colour wheel, a sinusoidal grating at angle pi k / 10 with a
+    random phase, pixel noise. The mean colour alone separates the classes, so even a head on frozen random
+    features learns them; the grating gives adapters something to find."""
+    generator, splits = torch.Generator().manual_seed(0), []
+    y, x = torch.meshgrid(torch.linspace(0, 1, img_size), torch.linspace(0, 1, img_size), indexing="ij")
+    channel_offsets = torch.tensor([0.0, 2 * math.pi / 3, 4 * math.pi / 3])
+    for per_class in (SYNTHETIC_TRAIN, SYNTHETIC_TEST):
+        labels = torch.arange(SYNTHETIC_CLASSES).repeat_interleave(per_class)
+        n, k = len(labels), labels.float()
+        colour = 0.5 + 0.25 * torch.cos(2 * math.pi * k[:, None] / SYNTHETIC_CLASSES + channel_offsets)
+        angle = (math.pi * k / SYNTHETIC_CLASSES)[:, None, None]
+        phase = 2 * math.pi * torch.rand(n, 1, 1, generator=generator)
+        grating = torch.sin(2 * math.pi * 4 * (x * torch.cos(angle) + y * torch.sin(angle)) + phase)
+        noise = 0.05 * torch.randn(n, 3, img_size, img_size, generator=generator)
+        images = colour[:, :, None, None] + 0.1 * grating[:, None] + noise
+        splits.append(Preloaded((images.clamp(0, 1) * 255).round().to(torch.uint8), labels))
+    return Task(*splits, [f"class {k}" for k in range(SYNTHETIC_CLASSES)],
+                f"synthetic: {SYNTHETIC_CLASSES} classes of coloured oriented gratings, {len(splits[0])} train / "
+                f"{len(splits[1])} test images at {img_size}x{img_size} (seed 0)")

@@ -76,9 +76,9 @@ def check_options(args, error):
 
 def check_data(name, data_dir):
     """Whether the data is there is cheap to learn: before anything is downloaded or decoded."""
-    where = data.missing(name, data_dir)
-    if where:
-        raise UserError(f"no {name} data: looked in {where} (see --data-dir)")
+    absent = data.missing(name, data_dir)
+    if absent:
+        raise UserError(f"no {name} data: {absent} is missing (see --data-dir)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -508,7 +508,7 @@ def plan_suite(given, out, ctx, resume, default_data_dir):
     missing = {task: data.missing(task, options["data_dir"]) for task in tasks if not finished(plan[task][0])}
     if any(missing.values()):
         raise UserError(f"no data for {sum(map(bool, missing.values()))} of the {len(tasks)} tasks: " + ", ".join(
-            f"{task} (looked in {where})" for task, where in missing.items() if where) + ". Put it there, or run the "
+            f"{task} ({absent} is missing)" for task, absent in missing.items() if absent) + ". Put it there, or run the "
             f"others: --data {','.join(task for task in tasks if not missing.get(task))}")
     check_out(out, fresh=not resume)
     if ctx.control is not None:

@@ -1071,24 +1071,82 @@ def test_data_fgvc_json_remaps_ids_and_finds_the_image_folder(tmp_path, name):
     assert task.num_classes == num_classes and folder in task.description
     assert _data_labels(task.train) == [2, 0, 1, 2] and _data_labels(task.test) == [1, 0]  # 5, 9, 17 -> 0, 1, 2
     assert _data_idents(task.train) == [0, 1, 2, 3] and _data_idents(task.test) == [4, 5]
-    image = task.train[0][0]
-    assert image.dtype == torch.uint8 and image.shape == (3, _DATA_SIZE, _DATA_SIZE)
-    assert torch.equal(task.test[0][0], task.test[0][0])  # centre crop: deterministic
+    images, labels = next(data.Loader(task.train, torch.device("cpu"))([torch.tensor([3, 0, 2])], seed=0))
+    assert images.dtype == torch.uint8 and images.shape == (3, 3, _DATA_SIZE, _DATA_SIZE)
+    assert [_data_ident(image) for image in images] == [3, 0, 2] and labels.tolist() == [2, 2, 1]
+    assert isinstance(task.test, data.Preloaded) and task.test.images.shape == (2, 3, _DATA_SIZE, _DATA_SIZE)
 
 
-def test_data_fgvc_augments_training_images(tmp_path):
+def _data_fgvc_pictures(tmp_path, sizes=((20, 15), (15, 20), (37, 37), (41, 38), (90, 40))):
+    """Cars in VPT's layout: textured pictures of the given (width, height), so that every crop and flip
+    differs. Returns the task at _DATA_SIZE (resized shorter side 37) and the pictures."""
     root = tmp_path / "fgvc" / "StanfordCars"
     os.makedirs(root)
-    Image.frombytes("L", (16, 12), bytes(range(192))).convert("RGB").save(root / "x.png")
-    (root / "train.json").write_text(json.dumps({"x.png": 1}))
-    (root / "test.json").write_text(json.dumps({"x.png": 1}))
-    task = data.build("cars", data_dir=str(tmp_path), img_size=_DATA_SIZE)
-    crops = set()
-    for seed in range(20):  # train.py sets a new seed every epoch
-        task.train.seed = seed
-        crops.add(tuple(task.train[0][0].flatten().tolist()))
-        assert torch.equal(task.train[0][0], task.train[0][0])  # the same seed, the same crop: resumable
-    assert len(crops) > 1  # random crops and flips
+    pictures = [Image.fromarray(np.random.default_rng(k).integers(0, 256, (h, w, 3), dtype=np.uint8))
+                for k, (w, h) in enumerate(sizes)]
+    for k, picture in enumerate(pictures):
+        picture.save(root / f"{k}.png")
+    for split in ("train", "test"):
+        (root / f"{split}.json").write_text(json.dumps({f"{k}.png": k % 2 for k in range(len(sizes))}))
+    return data.build("cars", data_dir=str(tmp_path), img_size=_DATA_SIZE, workers=0, log=None), pictures
+
+
+def test_data_fgvc_random_crops_are_torchvision_s_crops_of_the_resized_images(tmp_path):
+    from torchvision.transforms.v2 import functional as F
+    task, pictures = _data_fgvc_pictures(tmp_path)
+    resized = [F.pil_to_tensor(F.resize(picture, [round(_DATA_SIZE * 256 / 224)])) for picture in pictures]
+    assert isinstance(task.train, data.Resized)
+    assert all(torch.equal(task.train[k][0], image) for k, image in enumerate(resized))  # decoded once, as Resize
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(10):  # draws at random, and the corners: every (top, left, flip) is torchvision's crop
+        room = task.train.shapes - _DATA_SIZE + 1
+        tops, lefts = (torch.rand(len(resized), 2, generator=generator) * room).long().unbind(1)
+        crops = (tops, lefts, torch.rand(len(resized), generator=generator) < 0.5)
+        for corner in (crops, (room[:, 0] - 1, room[:, 1] - 1, ~crops[2]), (0 * tops, 0 * lefts, crops[2])):
+            index = torch.tensor([4, 0, 3, 1, 2])  # any order: each image at its own offset in the buffer
+            batch = task.train.batch(index, corner)
+            for image, k in zip(batch, index.tolist()):
+                top, left, flip = (int(t[k]) for t in corner)
+                expected = F.crop(resized[k], top, left, _DATA_SIZE, _DATA_SIZE)
+                assert torch.equal(image, F.horizontal_flip(expected) if flip else expected)
+    loader = data.Loader(task.train, torch.device("cpu"))  # the Loader crops as the epoch's draw says
+    images, labels = next(loader([torch.arange(5)], seed=7))
+    assert torch.equal(images, task.train.batch(torch.arange(5), task.train.crops(7)))
+    assert labels.tolist() == [0, 1, 0, 1, 0]
+
+
+def test_data_fgvc_crops_depend_on_the_seed_and_the_image_alone(tmp_path):
+    task, _ = _data_fgvc_pictures(tmp_path)
+    loader = data.Loader(task.train, torch.device("cpu"))
+    epoch = lambda seed, batches: dict(zip(torch.cat(batches).tolist(), torch.cat([b for b, _ in loader(batches, seed)])))
+    first = epoch(3, [torch.tensor([0, 1, 2]), torch.tensor([3, 4])])
+    again = epoch(3, [torch.tensor([4, 2]), torch.tensor([1]), torch.tensor([3, 0])])  # other batches, other order
+    assert all(torch.equal(first[k], again[k]) for k in range(5))  # a resumed or distributed run sees the same
+    tops, lefts, flips = map(torch.stack, zip(*(task.train.crops(seed) for seed in range(40))))
+    assert not torch.equal(tops, tops[:1].expand_as(tops)) and not torch.equal(lefts, lefts[:1].expand_as(lefts))
+    assert 0 < flips.float().mean() < 1  # another epoch, other crops and flips
+    assert (tops >= 0).all() and (tops <= task.train.shapes[:, 0] - _DATA_SIZE).all()
+    assert (lefts >= 0).all() and (lefts <= task.train.shapes[:, 1] - _DATA_SIZE).all()
+    later = epoch(4, [torch.arange(5)])
+    assert any(not torch.equal(first[k], later[k]) for k in range(5))
+
+
+def test_data_a_split_too_large_for_the_device_gives_the_same_batches_from_host_memory(tmp_path, monkeypatch):
+    task, _ = _data_fgvc_pictures(tmp_path)
+    batches = [torch.tensor([4, 1]), torch.tensor([0, 3, 2])]
+    on_device = {name: list(data.Loader(split, torch.device("cpu"))(batches, seed=5))
+                 for name, split in (("train", task.train), ("test", task.test))}
+    asked = []
+    monkeypatch.setattr(data, "fits_on_device", lambda nbytes, device: asked.append(nbytes) or False)
+    for name, split in (("train", task.train), ("test", task.test)):
+        from_host = list(data.Loader(split, torch.device("cpu"))(batches, seed=5))
+        assert all(torch.equal(a, b) for pair in zip(on_device[name], from_host) for a, b in zip(*pair))
+    assert asked == [task.train.pixels.numel(), task.test.images.numel()]
+    # the decision: at most half of the GPU's free memory; the CPU holds anything
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 80 * 2**30))
+    assert data.fits_on_device(4 * 2**30, torch.device("cuda")) and not data.fits_on_device(4 * 2**30 + 1, torch.device("cuda"))
+    assert data.fits_on_device(2**50, torch.device("cpu"))
 
 
 def test_data_image_folder(tmp_path):
@@ -1119,6 +1177,32 @@ def test_data_missing_dataset_folders_say_what_was_expected(tmp_path):
     _data_error(r"labels.train1\.txt not found", "dtd", data_dir=str(tmp_path))
 
 
+def test_data_missing_names_the_missing_file_of_every_layout(tmp_path):
+    """data.missing names the file (not the folder that holds it) for every layout, and build() fails on
+    that same file: both read one description of each layout."""
+    vtab = _data_vtab(tmp_path, [(0, 1)], [(1, 2)], task="kitti")
+    os.remove(vtab / "test.txt")
+    fgvc = tmp_path / "fgvc" / "NABirds"
+    os.makedirs(fgvc)
+    (fgvc / "train.json").write_text("{}")
+    release = tmp_path / "dtd" / "dtd"
+    _data_write_list(release / "labels" / "train1.txt", ["banded/banded_0001.jpg"])
+    pets = tmp_path / "pets"
+    _data_write_image(pets / "train" / "cat" / "0.jpg", 0)
+    for name, absent in (("kitti", vtab / "test.txt"), ("nabirds", fgvc / "test.json"),
+                         ("dtd", release / "labels" / "val1.txt"), (str(pets), pets / "test")):
+        assert data.missing(name, str(tmp_path)) == str(absent)
+        assert str(absent) in _data_error("not found|is missing", name, data_dir=str(tmp_path))
+        with pytest.raises(runs.UserError) as info:
+            runs.check_data(name, str(tmp_path))
+        assert str(info.value) == f"no {name} data: {absent} is missing (see --data-dir)"
+    (pets / "val").mkdir()  # val/ stands for test/ when test/ is absent
+    assert data.missing(str(pets), str(tmp_path)) is None
+    assert data.missing("synthetic", str(tmp_path)) is None
+    shutil.rmtree(release.parent)
+    assert data.missing("dtd", str(tmp_path)) is None  # no release folder: build() downloads it
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_data_missing_and_corrupt_images_are_named(tmp_path, workers):
     folder = _data_vtab(tmp_path, [(0, 1), (1, 2)], [(2, 3)])
@@ -1140,20 +1224,15 @@ def test_data_broken_lists_are_reported(tmp_path):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_data_fgvc_corrupt_image_named_at_load_time(tmp_path, workers):
+def test_data_fgvc_corrupt_image_named_at_build_time(tmp_path, workers):
     root = tmp_path / "fgvc" / "OxfordFlowers"
     os.makedirs(root)
     (root / "bad.jpg").write_bytes(b"garbage")
     (root / "train.json").write_text(json.dumps({"bad.jpg": 3}))
     (root / "test.json").write_text(json.dumps({"bad.jpg": 3}))
-    task = data.build("flowers", data_dir=str(tmp_path), img_size=_DATA_SIZE)
-    # in worker processes torch re-raises the same type, the original message on its last line
-    batches = iter(torch.utils.data.DataLoader(task.train, num_workers=workers))
-    with pytest.raises(data.DataError, match="cannot decode image") as info:
-        next(batches)
-    assert str(root / "bad.jpg") in str(info.value).splitlines()[-1]
-    if workers:  # now, not at garbage collection: the traceback keeps the iterator alive, and torch 2.11's
-        batches._shutdown_workers()  # late shutdown waits 5 s and can crash a queue thread
+    # decoded once when the task is built, in worker processes or not: one line that names the file
+    message = _data_error("cannot decode image", "flowers", data_dir=str(tmp_path), workers=workers)
+    assert str(root / "bad.jpg") in message
 
 
 def test_data_transforms_match_the_official_torchvision_ones(tmp_path):
@@ -1291,8 +1370,8 @@ def fgvc_cars(root, n_train, n_test=12):
 
 
 def test_an_fgvc_run_with_random_crops_learns_and_resumes_exactly(tmp_path, monkeypatch, capsys):
-    # FGVC trains on random crops, so its images are decoded by DataLoader workers every epoch, not
-    # preloaded; each crop depends on (epoch, image) alone, so a resumed run sees the same crops.
+    # FGVC trains on random crops of images decoded once; each crop depends on (epoch, image) alone, so a
+    # resumed run sees the same crops.
     args = [*fgvc_cars(tmp_path, 48), "--epochs", "3", "--workers", "2"]
     assert run_train(*args, "--out", tmp_path / "straight") == 0
     history = metrics(tmp_path / "straight")
@@ -1878,7 +1957,8 @@ def test_a_suite_with_missing_data_stops_before_training_with_one_line(tmp_path,
     data_dir, out = tmp_path / "data", tmp_path / "suite"
     _vtab_task(data_dir, "eurosat", 3)
     _robust_fails(["--data", "cifar,eurosat,kitti", "--data-dir", data_dir, *SUITE, "--out", out], capsys,
-                  "2 of the 3 tasks", f"cifar (looked in {data_dir / 'vtab-1k' / 'cifar'})", "kitti", "--data eurosat")
+                  "2 of the 3 tasks", f"cifar ({data_dir / 'vtab-1k' / 'cifar' / 'train800val200.txt'} is missing)", "kitti",
+                  "--data eurosat")
     assert not out.exists()
 
 
@@ -2153,17 +2233,20 @@ def test_frozen_weights_in_bf16_give_what_autocast_gives_and_come_back_in_float3
 
 
 def test_fgvc_augmentation_never_reseeds_the_cuda_generator(tmp_path, monkeypatch):
-    # with --workers 0 the crops are drawn in the training process: reseeding CUDA there would reset the
-    # dropout stream on a GPU every image
+    # the crops are drawn in the training process: reseeding CUDA there would reset the dropout stream on
+    # a GPU every epoch, and drawing from the global generators would shift it
     fgvc_cars(tmp_path, 8)
-    task = data.build("cars", str(tmp_path), 16)
+    task = data.build("cars", str(tmp_path), 16, workers=0, log=None)
     calls = []
-    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
-    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(seed))
+    for name in ("manual_seed", "manual_seed_all", "set_rng_state", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args, name=name: calls.append(name))
+    monkeypatch.setattr(torch, "manual_seed", lambda *args: calls.append("torch.manual_seed"))
     dropout_stream = torch.get_rng_state()
-    crops = [task.train[i][0] for i in range(8)]
+    loader = data.Loader(task.train, torch.device("cpu"))
+    crops = [images for images, _ in loader([torch.arange(4), torch.arange(4, 8)], seed=11)]
     assert calls == [] and torch.equal(torch.get_rng_state(), dropout_stream)
-    assert all(torch.equal(crop, task.train[i][0]) for i, crop in enumerate(crops))  # a function of (seed, image)
+    again = [images for images, _ in loader([torch.arange(4), torch.arange(4, 8)], seed=11)]
+    assert all(torch.equal(a, b) for a, b in zip(crops, again))  # a function of (seed, image)
 
 
 @pytest.mark.parametrize("n, batch_size, world", [(33, 8, 2), (9, 8, 4), (16, 8, 2), (5, 32, 1)])
@@ -2236,7 +2319,7 @@ def test_a_suite_json_in_the_current_folder_is_not_mistaken_for_a_suite(tmp_path
 
 
 def test_a_process_with_no_test_images_gets_no_batches():
-    loader = data.Loader(data.build("synthetic", img_size=16, log=None).test, torch.device("cpu"), 0)
+    loader = data.Loader(data.build("synthetic", img_size=16, log=None).test, torch.device("cpu"))
     assert list(loader([])) == []
 
 

@@ -290,7 +290,7 @@ def train(run):
     test, save and log."""
     ctx, cfg, model, optimizer = run.ctx, run.cfg, run.model, run.optimizer
     net = runs.distributed(model, ctx)
-    train_data, test_data = (data.Loader(split, ctx.device, ctx.workers) for split in (run.task.train, run.task.test))
+    train_data, test_data = (data.Loader(split, ctx.device) for split in (run.task.train, run.task.test))
     steps = math.ceil(len(train_data) / cfg.batch_size)
     pace = runs.Pace(ctx, (cfg.epochs - len(run.history)) * steps)
     with runs.StopFlag() as stop, runs.frozen_in_bf16(model, ctx.device.type == "cuda"):
@@ -337,7 +337,7 @@ def finish(run):
                           "testing": round(sum(m.get("test_s", 0) for m in run.history), 1)}}
     trained = runs.trained_tensors(run.model)
     if run.cfg.method in ("arc", "arc_att"):
-        run.ctx.log(fold_and_compare(run.model, data.Loader(run.task.test, run.ctx.device, run.ctx.workers)))
+        run.ctx.log(fold_and_compare(run.model, data.Loader(run.task.test, run.ctx.device)))
     result["seconds"]["finish"] = round(time.time() - started, 1)
     record = {**vars(run.cfg), "result": result}
     adapters, folded = os.path.join(run.out, "adapters.pth"), os.path.join(run.out, "folded.pth")
@@ -387,7 +387,7 @@ def eval_only(args, given, ctx):
         runs.load_trained_tensors(model, saved["state_dict"], args.checkpoint)
     task = data.build(cfg.data, cfg.data_dir, cfg.img_size, ctx.workers, ctx.log)
     runs.check_classes(cfg.classes, task, source)
-    accuracy = evaluate(model.to(ctx.device), data.Loader(task.test, ctx.device, ctx.workers), 4 * cfg.batch_size, ctx)
+    accuracy = evaluate(model.to(ctx.device), data.Loader(task.test, ctx.device), 4 * cfg.batch_size, ctx)
     ctx.log(f"{args.checkpoint}: {cfg.model} {cfg.method} on {cfg.data}: test accuracy {accuracy:.2f}%")
     return accuracy
 
