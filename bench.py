@@ -10,13 +10,14 @@ bf16 autocast on CUDA) for arc, arc_att, linear and full, and on CUDA the peak m
 Inference: images/s of the plain model, ARC unfolded, and ARC folded by arc.reparameterize.
 The variants are timed in turn, round after round, and the median is reported, so that a machine
 whose speed drifts (a shared CPU, a GPU warming up) slows them all alike.
---run dtd: train.py's own run (train.run_task) on random pixels of DTD's shape under VTAB-1k (1,000 training
-and 1,880 test images, 47 classes) with the default recipe, from start-up to folded.pth, and the wall
-time split into start-up, training, testing and finish.
+--run dtd: train.py's own run (train.run_task) on images of DTD's shape under VTAB-1k (1,000 training and
+1,880 test images, 47 classes, written as an image folder first), with the default recipe, from start-up
+(decoding included) to folded.pth, and the wall time split into start-up, training, testing and finish.
 """
 import argparse
 import contextlib
 import copy
+import os
 import platform
 import statistics
 import tempfile
@@ -24,6 +25,7 @@ import time
 from types import SimpleNamespace
 
 import torch
+from PIL import Image
 
 import arc
 import data
@@ -51,17 +53,16 @@ def interleaved(calls, device, warmup, rounds):
 
 def build(args, method):
     torch.manual_seed(0)
-    cfg = SimpleNamespace(**{**train.DEFAULTS, "model": args.model, "img_size": args.img_size, "method": method})
-    return train.build_model(cfg, num_classes=47)
+    cfg = SimpleNamespace(**{**paper.DEFAULTS, "model": args.model, "img_size": args.img_size, "method": method,
+                             "weights": "none"})
+    return train.prepare_model(cfg, 47, None, log=print)
 
 
 def training_step(args, device, method, stack):
     """A closure running one train.py step of `method` on a fixed batch, with the frozen weights in bf16
     on CUDA as train.py keeps them (until `stack` closes)."""
-    model = build(args, method)
-    train.mark_trainable(model, method)
-    model.to(device).train()
-    stack.enter_context(runs.frozen_in_bf16(model, device.type == "cuda"))
+    model = build(args, method).to(device).train()
+    stack.enter_context(train.frozen_in_bf16(model, device.type == "cuda"))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, fused=device.type == "cuda")
     images = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8, device=device)
@@ -91,22 +92,30 @@ def peak_memory(args, device, method):
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
+def write_dtd_shaped(root, img_size, seed=0):
+    """An image folder shaped as VTAB-1k DTD: 1,000 train and 1,880 test PNGs of 47 classes, random pixels."""
+    generator = torch.Generator().manual_seed(seed)
+    for split, count in (("train", 1000), ("test", 1880)):
+        pixels = torch.randint(0, 256, (count, img_size, img_size, 3), dtype=torch.uint8, generator=generator)
+        for i in range(count):
+            folder = os.path.join(root, split, f"class{i % 47:02d}")
+            os.makedirs(folder, exist_ok=True)
+            Image.fromarray(pixels[i].numpy()).save(os.path.join(folder, f"{i:04d}.png"), compress_level=1)
+    return root
+
+
 def dtd_run(args, device):
-    """train.run_task on random pixels shaped as VTAB-1k DTD; prints the wall time split, returns the result."""
-    generator = torch.Generator().manual_seed(0)
-    split = lambda n: data.Preloaded(torch.randint(0, 256, (n, 3, args.img_size, args.img_size), dtype=torch.uint8,
-                                                   generator=generator), torch.arange(n) % 47)
-    task = data.Task(split(1000), split(1880), [str(k) for k in range(47)],
-                     "random pixels shaped as VTAB-1k DTD: 1,000 train / 1,880 test images, 47 classes")
-    given = {"data": "dtd", "model": args.model, "img_size": args.img_size, "weights": "none", "epochs": args.epochs,
-             "batch_size": args.batch_size}
-    ctx = runs.setup_distributed(args.device, workers=0)
-    started = time.time()
-    with tempfile.TemporaryDirectory() as out:
-        result = train.run_task(given, out, ctx, task=task)
-    wall, seconds = time.time() - started, result["seconds"]
+    """train.run_task on images shaped as VTAB-1k DTD; prints the wall time split, returns the result."""
+    with tempfile.TemporaryDirectory() as scratch:
+        images = write_dtd_shaped(os.path.join(scratch, "dtd_shaped"), args.img_size)
+        given = {"data": images, "model": args.model, "img_size": args.img_size, "weights": "none",
+                 "epochs": args.epochs, "batch_size": args.batch_size}
+        ctx = runs.setup_distributed(args.device, workers=min(8, os.cpu_count() or 1))
+        started = time.time()
+        result = train.run_task(given, os.path.join(scratch, "run"), ctx)
+        wall, seconds = time.time() - started, result["seconds"]
     print(f"\nDTD-shaped run, {args.model}, {args.img_size} px, {args.epochs} epoch(s) on {machine(device)}:")
-    for part, what in (("setup", "start-up: model, weights, data to the device"),
+    for part, what in (("setup", "start-up: model, data decoded to the device"),
                        ("training", f"training: {1000 * args.epochs / seconds['training']:.0f} images/s"),
                        ("testing", "testing: every 10 epochs and after the last"),
                        ("finish", "finish: adapters.pth, folding, folded.pth")):

@@ -1,17 +1,17 @@
-"""What a run needs around its training loop: its folder and files, weights files, resuming, stopping,
-several processes, and suites of runs with their results tables. train.py's loop calls these; nothing
-here trains.
+"""A run's life around its training loop: the processes it runs in, stop requests, its folder and files,
+checkpoints with the random states, resuming, its weights file, and the line that says how long it will take.
+What a training step computes, and the loop itself, are train.py's.
 
     ctx = setup_distributed("cuda", workers=8)       # one process, or one of torchrun's
     check_out(out, fresh=True)                       # before hours of decoding: can the run be written there?
-    save_checkpoint(run); restore_checkpoint(run, read_checkpoint(path, ctx.world))
-    with StopFlag() as stop: ... if stop.is_set(ctx.control): raise Interrupted(stop.signum, epochs_done)
+    run = Run(ctx, cfg, out, model, optimizer, history=[]); restore_checkpoint(run, read_checkpoint(path, ctx.world))
+    checkpoints = Checkpoints(run); ... checkpoints.after_epoch(stopping)   # checkpoint.pth and metrics.jsonl
+    with StopFlag() as stop: ... if stop.is_set(ctx.control): raise Interrupted(stop.signum, epochs_saved)
 
 Every file is written atomically (a temporary file, then a rename), so an interruption or a full disk
 never leaves half a file. A mistake in the command, the data or the files raises UserError: train.py
 prints it as one line, without a traceback.
 """
-import contextlib
 import datetime
 import inspect
 import json
@@ -21,14 +21,14 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-import arc
 import data
 import swin
 import vit
@@ -46,34 +46,6 @@ def fmt_time(seconds):
     return time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 
-# ---------------------------------------------------------------------------------------------------
-# Options and data, checked before anything slow
-
-
-def check_options(args, error):
-    """Numbers in their ranges, a device this machine has, and options that go together; else error(message)."""
-    for keys, ok, rule in ((("rank", "batch_size", "epochs", "img_size", "eval_every"), lambda v: v >= 1, "at least 1"),
-                           (("warmup_epochs", "workers"), lambda v: v >= 0, "at least 0"),
-                           (("lr", "weight_decay"), lambda v: 0 <= v <= 10, "a number from 0 to 10 (recipes: 0 to 0.05)"),
-                           (("adapter_dropout", "vit_dropout", "drop_path"), lambda v: 0 <= v < 1, "a rate in [0, 1)")):
-        for key in keys:
-            if getattr(args, key) is not None and not ok(getattr(args, key)):  # `not ok`: nan fails every test
-                error(f"{flag(key)} {getattr(args, key)} must be {rule}")
-    try:
-        device_type = torch.device(args.device).type
-    except RuntimeError:
-        device_type = None
-    if device_type not in ("cpu", "cuda"):
-        error(f"--device {args.device} is not a device this script runs on: cpu, cuda or cuda:N")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        error(f"--device {args.device}: torch sees no CUDA GPU here; use --device cpu")
-    if args.eval_only != bool(args.checkpoint):
-        error("--eval-only and --checkpoint go together: --eval-only --checkpoint runs/<run>/adapters.pth")
-    if args.resume and args.out and os.path.abspath(args.out) not in (os.path.abspath(args.resume),
-                                                                        os.path.dirname(os.path.abspath(args.resume))):
-        error(f"--resume {args.resume} and --out {args.out} name different runs: give one of them")
-
-
 def check_data(name, data_dir):
     """Whether the data is there is cheap to learn: before anything is downloaded or decoded."""
     absent = data.missing(name, data_dir)
@@ -85,11 +57,24 @@ def check_data(name, data_dir):
 # Processes
 
 
+@dataclass
+class Context:
+    """Where this process runs: its device, the image-decoding workers it may start, its rank among `world`
+    processes, the CPU (gloo) group that carries stop requests and barriers under torchrun (None for one
+    process), and `log`: print on the first process, silent on the others."""
+    device: torch.device
+    workers: int
+    rank: int = 0
+    world: int = 1
+    control: Optional[object] = None
+    log: Callable = print
+
+
 def setup_distributed(device_name, workers):
     """Where this process runs. torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is one process.
     Under torchrun a second, CPU (gloo) group carries control messages: stop requests and barriers that may
     wait out a download, without a GPU sync or NCCL's timeout. Only the first process logs."""
-    ctx = SimpleNamespace(device=torch.device(device_name), rank=0, world=1, control=None, workers=workers, log=print)
+    ctx = Context(torch.device(device_name), workers)
     if "RANK" in os.environ:
         cuda = device_name.startswith("cuda")
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -127,62 +112,8 @@ def distributed(model, ctx):
                                    **NO_BUFFER_SYNC)
 
 
-def shares(order, batch_size, ctx):
-    """This process's share of each global batch of `order` (the same order on every process), and the weight
-    that makes its summed loss its part of the batch mean: DDP's average of the gradients is then exactly the
-    one-process gradient. A share that would be empty (a short last batch) is one image at weight 0: the
-    process still takes part in DDP's step, and no kernel is given an empty batch."""
-    indices, weights = [], []
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        share = batch[ctx.rank::ctx.world]
-        indices.append(share if len(share) else batch[:1])
-        weights.append(ctx.world / len(batch) if len(share) else 0.0)
-    return indices, weights
-
-
 # ---------------------------------------------------------------------------------------------------
-# Around the loop: frozen weights in bf16, the loss, the pace, stop requests
-
-
-@contextlib.contextmanager
-def frozen_in_bf16(model, enabled):
-    """Keep the frozen weights of linear and conv layers in bf16 while training on CUDA: autocast caches its
-    casts only of tensors that require grad, and would cast these ~86M values again at every forward. The
-    result is the same (autocast runs those layers in bf16 anyway); the float32 originals come back on exit,
-    for folding."""
-    frozen = [p for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and enabled
-              for p in m.parameters(recurse=False) if not p.requires_grad]
-    originals = [p.data for p in frozen]
-    for p in frozen:
-        p.data = p.data.to(torch.bfloat16)
-    try:
-        yield
-    finally:
-        for p, original in zip(frozen, originals):
-            p.data = original
-
-
-class LossMeter:
-    """An epoch's mean loss and its first step with a nan or infinite loss, kept on the device: read once."""
-
-    def __init__(self, ctx, steps):
-        self.ctx, self.steps = ctx, steps
-        self.sum, self.first_bad = torch.zeros((), device=ctx.device), torch.tensor(steps, device=ctx.device)
-
-    def add(self, step, loss):
-        self.sum += loss / self.ctx.world  # each process's loss is its share of the batch mean, times world
-        self.first_bad = torch.where(torch.isfinite(loss), self.first_bad, self.first_bad.clamp(max=step))
-
-    def mean(self, epoch, out):
-        if self.ctx.world > 1:
-            dist.all_reduce(self.sum)
-            dist.all_reduce(self.first_bad, op=dist.ReduceOp.MIN)
-        total, first_bad = torch.stack([self.sum, self.first_bad.float()]).tolist()  # the epoch's one host sync
-        if first_bad < self.steps:
-            raise UserError(f"the loss became nan or infinite at epoch {epoch + 1}, step {int(first_bad) + 1}; the last "
-                            f"good checkpoint ({out}/checkpoint.pth) is untouched. Try a lower --lr")
-        return round(total / self.steps, 5)
+# Around the loop: the pace, stop requests
 
 
 LONG_RUN_S = 3600  # on a CPU, a run longer than this gets advice
@@ -253,7 +184,7 @@ def continue_with(saved, out, ctx):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Files: the output folder, atomic writes, checkpoints
+# Files: the output folder, atomic writes, what a run saves
 
 
 def check_out(out, fresh):
@@ -319,9 +250,24 @@ def load_trained_tensors(model, state_dict, source):
     model.load_state_dict(state_dict, strict=False)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints: a run's state, saved and restored
+
+
+@dataclass
+class Run:
+    """A run in training. checkpoint.pth saves its settings (cfg), what its model trains, the optimizer's state,
+    its history (a metrics dict per finished epoch) and every process's random state; into `out`."""
+    ctx: Context
+    cfg: SimpleNamespace
+    out: str
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    history: list
+
+
 def save_checkpoint(run):
-    """checkpoint.pth, then metrics.jsonl rewritten from the same history: killed between the two, the run
-    resumes from the checkpoint and writes the log again, so every epoch has exactly one line."""
+    """checkpoint.pth: everything that resuming needs, so that a resumed run ends as an uninterrupted one."""
     rng = {"cpu": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state(run.ctx.device) if run.ctx.device.type == "cuda" else None}
     states = [rng]
@@ -332,7 +278,6 @@ def save_checkpoint(run):
         save_atomic({"config": vars(run.cfg), "trained": trained_tensors(run.model), "rng": states,
                      "optimizer": run.optimizer.state_dict(), "history": run.history},
                     os.path.join(run.out, "checkpoint.pth"))
-        save_atomic("".join(json.dumps(m) + "\n" for m in run.history), os.path.join(run.out, "metrics.jsonl"))
 
 
 def restore_checkpoint(run, checkpoint):
@@ -347,6 +292,31 @@ def restore_checkpoint(run, checkpoint):
         run.history[-1]["schedule"] = f"then extended from {checkpoint['config']['epochs']} to {run.cfg.epochs} epochs"
         run.ctx.log(f"extending the run: the cosine schedule is recomputed for {run.cfg.epochs} epochs")
     run.ctx.log(f"resuming {run.out} after epoch {len(run.history)}")
+
+
+class Checkpoints:
+    """After each epoch: checkpoint.pth, unless the last one took more than a tenth of the time since it was
+    written (--method full on a big model, short epochs): then at the first epoch after that; always after the
+    last epoch and when a stop is asked for. metrics.jsonl is rewritten from the history every epoch, after the
+    checkpoint: a run killed in between resumes from the checkpoint and writes it again, an epoch a line."""
+
+    def __init__(self, run):
+        self.run, self.epochs_saved = run, len(run.history)
+        self.written, self.cost = time.time(), 0.0  # when the last was written, and how long that took
+
+    def after_epoch(self, stopping):
+        run = self.run
+        due = stopping or len(run.history) == run.cfg.epochs or time.time() - self.written >= 10 * self.cost
+        if run.ctx.control is not None:  # every process takes part in a save (it gathers their random states)
+            flag = torch.tensor([int(due)])
+            dist.broadcast(flag, src=0, group=run.ctx.control)  # the first process's clock decides for all
+            due = bool(flag)
+        if due:
+            started = time.time()
+            save_checkpoint(run)
+            self.written, self.cost, self.epochs_saved = time.time(), time.time() - started, len(run.history)
+        if run.ctx.rank == 0:
+            save_atomic("".join(json.dumps(m) + "\n" for m in run.history), os.path.join(run.out, "metrics.jsonl"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -376,11 +346,15 @@ def read_checkpoint(path, world):
     return checkpoint
 
 
-def finished(out):
-    """The record of the finished run in `out` (its adapters.pth config, written last), or None."""
-    if not all(os.path.exists(os.path.join(out, name)) for name in ("adapters.pth", "folded.pth")):
+def finished(out, epochs=None, epochs_done=None, folded=True):
+    """The record of the run in `out` (its adapters.pth config, written last) when it has finished: its `epochs`
+    all done (when given), and folded.pth written where it folds; else None."""
+    if not os.path.exists(os.path.join(out, "adapters.pth")):
         return None
-    return read_saved(os.path.join(out, "adapters.pth"), "--resume", ("config",), "an adapters.pth")["config"]
+    record = read_saved(os.path.join(out, "adapters.pth"), "--resume", ("config",), "an adapters.pth")["config"]
+    if epochs is not None and not record["epochs"] == epochs == epochs_done:
+        return None
+    return record if not folded or os.path.exists(os.path.join(out, "folded.pth")) else None
 
 
 # Options that say where a run's files are now, or how often to test, may differ on --resume; --epochs may grow.
@@ -411,36 +385,22 @@ def check_classes(classes, task, source):
 # Weights files
 
 
-def auto_weights(model_name):
-    """(URL, path in torch hub's cache) of the published checkpoint the official runs started from."""
-    url = {**vit.URLS, **swin.URLS}[model_name]
-    return url, os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-
-
-def weights_file(weights, model_name):
-    """The file --weights names (None for 'none'); 'auto' downloads the published checkpoint once into
-    torch hub's cache."""
+def weights_file(weights, model_name, log):
+    """The file --weights names (None for 'none'); 'auto': the published checkpoint the official runs started
+    from, downloaded once into torch hub's cache (vit.download)."""
     if weights == "none":
         return None
     if weights != "auto":
         if not os.path.isfile(weights):
             raise UserError(f"--weights {weights}: {'a folder, not a file' if os.path.isdir(weights) else 'no such file'}")
         return weights
-    url, path = auto_weights(model_name)
-    if not os.path.exists(path):
-        try:  # can the cache be written? Then whatever goes wrong below is the download's fault
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            os.rmdir(tempfile.mkdtemp(dir=os.path.dirname(path)))
-        except OSError as e:
-            raise UserError(f"--weights auto: cannot write torch hub's cache {os.path.dirname(path)} ({e.strerror}): "
-                            f"set TORCH_HOME to a folder you can write, or download {url} and pass --weights PATH") from None
-        print(f"downloading {url}\n         to {path}")
-        try:
-            torch.hub.download_url_to_file(url, path, progress=True)  # writes a temporary file, then renames
-        except Exception as e:
-            raise UserError(f"could not download the {model_name} weights ({type(e).__name__}: {e}). Looked for "
-                            f"{path}: download {url} by hand and put it there, or pass --weights PATH") from None
-    return path
+    url = {**vit.URLS, **swin.URLS}[model_name]
+    if not os.path.exists(vit.cached_file(url)):
+        log(f"downloading {url}\n         to {vit.cached_file(url)}")
+    try:
+        return vit.download(url)
+    except vit.CheckpointError as e:
+        raise UserError(f"--weights auto: {e}, or pass --weights PATH") from None
 
 
 def load_weights(model, model_name, weights, path):
@@ -461,7 +421,7 @@ def check_weights(given, saved, what, needed=True):
     if needed and "weights" not in given and weights not in ("auto", "none") and not os.path.isfile(weights):
         raise UserError(f"{what} was trained from --weights {weights}, which is not there now: pass --weights with "
                         f"where it is")
-    path = auto_weights(saved["model"])[1] if weights == "auto" else weights
+    path = vit.cached_file({**vit.URLS, **swin.URLS}[saved["model"]]) if weights == "auto" else weights
     size = 0 if weights == "none" else os.path.getsize(path) if os.path.isfile(path) else None
     if weights in ("auto", "none") and weights == saved["weights"] or size is None and weights not in ("auto", "none"):
         return  # the run's own choice; or a path that is not there, which weights_file reports when it is needed
@@ -469,97 +429,3 @@ def check_weights(given, saved, what, needed=True):
         describe = lambda name, n: f"{name} ({n:,} bytes)" if n else name
         raise UserError(f"{what}: --weights {describe(saved['weights'], saved['weights_bytes'])} there, "
                         f"{describe(weights, size)} here; give the run's own weights")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Suites: a folder per task, and the paper's tables
-
-
-PAPER = {  # the ARC paper's ViT-B/16 accuracies (ARC.md section 4), shown beside vit_b16 arc results
-    "cifar": 72.2, "caltech101": 90.1, "dtd": 72.7, "oxford_flowers102": 99.0, "oxford_iiit_pet": 91.0, "svhn": 91.9,
-    "sun397": 54.4, "patch_camelyon": 84.9, "eurosat": 95.7, "resisc45": 86.7, "diabetic_retinopathy": 75.8,
-    "clevr_count": 80.7, "clevr_dist": 67.1, "dmlab": 48.7, "kitti": 81.6, "dsprites_loc": 79.2, "dsprites_ori": 51.0,
-    "smallnorb_azi": 31.4, "smallnorb_ele": 39.9, "cub": 88.5, "nabirds": 85.3, "flowers": 99.3, "dogs": 91.9,
-    "cars": 85.7,
-}
-
-
-def suite_tasks(name):
-    """The tasks of a suite (vtab-1k, fgvc) or of a comma-separated list; None for a single task."""
-    return data.SUITES.get(name) or ([t.strip() for t in name.split(",") if t.strip()] if "," in name else None)
-
-
-def plan_suite(given, out, ctx, resume, default_data_dir):
-    """[(folder, options, the folder to resume or None)] of each task of a suite started or resumed in `out`,
-    once its data and folder are checked. suite.json keeps the options the suite started with; a started task
-    keeps its own."""
-    suite_file = os.path.join(out, "suite.json")
-    stored = read_suite(suite_file, out) if resume else {}
-    if resume and given.get("data", stored["data"]) != stored["data"]:
-        raise UserError(f"--resume {out} is the suite --data {stored['data']}, not --data {given['data']}")
-    tasks = suite_tasks(given.get("data") or stored["data"])
-    options = {"data_dir": default_data_dir, **stored, **given}
-    plan = {}
-    for task in tasks:
-        folder = os.path.join(out, os.path.basename(os.path.normpath(task)))
-        started = os.path.exists(os.path.join(folder, "checkpoint.pth"))
-        plan[task] = (folder, {**({"data_dir": options["data_dir"], **given} if started else options), "data": task},
-                      folder if started else None)
-    missing = {task: data.missing(task, options["data_dir"]) for task in tasks if not finished(plan[task][0])}
-    if any(missing.values()):
-        raise UserError(f"no data for {sum(map(bool, missing.values()))} of the {len(tasks)} tasks: " + ", ".join(
-            f"{task} ({absent} is missing)" for task, absent in missing.items() if absent) + ". Put it there, or run the "
-            f"others: --data {','.join(task for task in tasks if not missing.get(task))}")
-    check_out(out, fresh=not resume)
-    if ctx.control is not None:
-        dist.barrier(group=ctx.control)  # every process has checked `out` before the first one writes to it
-    if ctx.rank == 0 and not resume:
-        os.makedirs(out, exist_ok=True)
-        save_atomic(json.dumps(options, indent=1), suite_file)
-    return list(plan.values())
-
-
-def read_suite(path, out):
-    if not os.path.isfile(path):
-        raise UserError(f"--resume {out}: no suite.json there, so it is not a suite's folder")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--resume {out}: {path} is unreadable ({type(e).__name__}: {e}); a suite's folder holds the "
-                        f"suite.json it wrote") from None
-
-
-def write_results(out, results, model, method):
-    """results.json and results.md: each task's final and best accuracy, the VTAB-1k group means, the mean of
-    all tasks (of the task accuracies, as the paper's 73.4: not of the group means), and beside them the
-    paper's ARC figures for the same tasks when the run is the paper's (vit_b16, arc)."""
-    mean = lambda values: round(sum(values) / len(values), 2)
-    groups = {g: [t for t in tasks if t in results] for g, tasks in data.VTAB_GROUPS.items() if set(tasks) & set(results)}
-    summary = {"tasks": results, "groups": {g: mean([results[t]["final"] for t in ts]) for g, ts in groups.items()},
-               "mean": mean([r["final"] for r in results.values()])}
-    paper = (model, method) == ("vit_b16", "arc") and set(results) <= set(PAPER)
-    if paper:
-        summary["paper"] = {"tasks": {t: PAPER[t] for t in results}, "mean": mean([PAPER[t] for t in results]),
-                            "groups": {g: mean([PAPER[t] for t in ts]) for g, ts in groups.items()}}
-    save_atomic(json.dumps(summary, indent=1), os.path.join(out, "results.json"))
-
-    def row(name, final, best=None, reference=0.0, trainable="", seconds=""):
-        cells = [name, f"{final:.2f}", f"{best:.2f}" if best is not None else ""]
-        cells += [f"{reference:.1f}", f"{final - reference:+.2f}"] * paper + [trainable, seconds]
-        return "| " + " | ".join(cells) + " |"
-    lines = [f"# ARC: {model}, {method}", "", "Top-1 test accuracy (%). **final**: after the last epoch, the honest "
-             "figure. **best**: the best of the evaluated epochs, selected on the test set, as the official code reports "
-             "(its protocol tests every epoch: `--eval-every 1`)." + " **paper**: the ARC paper's ViT-B/16 figures." * paper,
-             "", "| task | final | best (test-selected) | " + "paper | final - paper | " * paper + "trainable | training + "
-             "testing |", "|---" * (5 + 2 * paper) + "|"]
-    ungrouped = [t for t in results if not any(t in ts for ts in groups.values())]
-    for group, tasks in [*groups.items(), ("", ungrouped)]:
-        for t in tasks:
-            lines.append(row(t, results[t]["final"], results[t]["best"], PAPER.get(t, 0.0), f"{results[t]['trainable']:,}",
-                             fmt_time(results[t]["seconds"]["training"] + results[t]["seconds"]["testing"])))
-        if group:
-            lines.append(row(f"**{group} mean** ({len(tasks)} tasks)", summary["groups"][group],
-                             reference=paper and summary["paper"]["groups"][group]))
-    lines.append(row(f"**mean of all {len(results)} tasks**", summary["mean"], reference=paper and summary["paper"]["mean"]))
-    save_atomic("\n".join(lines) + "\n", os.path.join(out, "results.md"))

@@ -29,6 +29,7 @@ from PIL import Image
 
 import arc
 import data
+import paper
 import runs
 import swin
 import train
@@ -1873,22 +1874,22 @@ def test_robust_cli_text_file_as_weights(_robust_weights, tmp_path):
 
 
 def test_the_recipe_table_gives_each_task_the_authors_settings_and_the_command_line_wins():
-    cfg, sources, name = train.settings({"data": "cub"})
+    cfg, sources, name = paper.settings({"data": "cub"})
     assert (cfg.lr, cfg.weight_decay, cfg.adapter_dropout, cfg.vit_dropout) == (1e-3, 0.05, 0.1, 0.1)
     assert "FGVC_ARC_train.py" in name and sources["lr"] == sources["vit_dropout"] == "recipe"
-    cfg, sources, _ = train.settings({"data": "cub", "lr": 0.002})
+    cfg, sources, _ = paper.settings({"data": "cub", "lr": 0.002})
     assert (cfg.lr, sources["lr"], cfg.weight_decay, sources["weight_decay"]) == (0.002, "command line", 0.05, "recipe")
-    cfg, _, _ = train.settings({"data": "dtd"})  # VTAB-1k on the ViT: the defaults
+    cfg, _, _ = paper.settings({"data": "dtd"})  # VTAB-1k on the ViT: the defaults
     assert (cfg.lr, cfg.weight_decay, cfg.adapter_dropout, cfg.vit_dropout, cfg.drop_path) == (1e-2, 0, 0.1, 0, 0)
-    cfg, sources, _ = train.settings({"data": "dtd", "model": "swin_b"})  # what train_ARC_swin.py really ran
+    cfg, sources, _ = paper.settings({"data": "dtd", "model": "swin_b"})  # what train_ARC_swin.py really ran
     assert (cfg.lr, cfg.weight_decay, cfg.adapter_dropout, cfg.drop_path) == (5e-3, 5e-2, 0.5, 0.1)
     assert (cfg.vit_dropout, sources["vit_dropout"]) == (0.0, "n/a")
-    assert train.settings({"data": "cifar", "model": "swin_b"})[0].weight_decay == 1e-2
+    assert paper.settings({"data": "cifar", "model": "swin_b"})[0].weight_decay == 1e-2
     # the options reach the model: dropout p=0.1 in the ViT for CUB, drop-path in Swin
-    vit_for_cub = train.build_model(train.settings({"data": "cub", "model": "vit_t16"})[0], 200)
+    vit_for_cub = train.build_model(paper.settings({"data": "cub", "model": "vit_t16"})[0], 200)
     assert sorted({m.p for m in vit_for_cub.modules() if isinstance(m, torch.nn.Dropout)}) == [0.1]
     with pytest.raises(train.UserError, match="--drop-path does not apply to vit_b16"):
-        train.settings({"data": "dtd", "drop_path": 0.1})
+        paper.settings({"data": "dtd", "drop_path": 0.1})
 
 
 def test_a_run_states_its_recipe_and_records_the_values_it_used(tmp_path, capsys):
@@ -1965,9 +1966,9 @@ def test_a_suite_with_missing_data_stops_before_training_with_one_line(tmp_path,
 def test_results_give_the_paper_s_group_means_and_overall_mean(tmp_path):
     # the paper's own per-task figures must give back its Table 1 means: 81.6, 85.8, 60.0 and 73.4 (the mean
     # of the 19 tasks, not of the three groups)
-    results = {task: {"final": runs.PAPER[task], "best": runs.PAPER[task], "trainable": 1,
+    results = {task: {"final": paper.ACCURACY[task], "best": paper.ACCURACY[task], "trainable": 1,
                       "seconds": {"training": 1, "testing": 1}} for task in data.SUITES["vtab-1k"]}
-    runs.write_results(str(tmp_path), results, "vit_b16", "arc")
+    paper.write_results(str(tmp_path), results, "vit_b16", "arc")
     summary = json.loads((tmp_path / "results.json").read_text())
     assert {g: round(m, 1) for g, m in summary["groups"].items()} == {
         "natural": 81.6, "specialized": 85.8, "structured": 60.0}
@@ -2203,7 +2204,7 @@ def test_bench_times_a_whole_dtd_shaped_run_through_train_py(capsys):
     with one_thread():
         result = bench.main(["--run", "dtd", "--epochs", "1", "--model", "vit_t16", "--img-size", "16", "--device", "cpu"])
     printed = capsys.readouterr().out
-    assert "shaped as VTAB-1k DTD: 1,000 train / 1,880 test images, 47 classes" in printed
+    assert "dtd_shaped: 1000 train / 1880 test images, 47 classes" in printed  # an image folder of DTD's shape
     for part in ("start-up", "training", "testing", "finish", "wall time", "images/s"):
         assert part in printed, part
     assert set(result["seconds"]) == {"setup", "training", "testing", "finish"} and result["trainable"] == 34_079
@@ -2224,7 +2225,7 @@ def test_frozen_weights_in_bf16_give_what_autocast_gives_and_come_back_in_float3
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         expected = model(images)
-        with runs.frozen_in_bf16(model, enabled=True):
+        with train.frozen_in_bf16(model, enabled=True):
             assert model.blocks[0].attn.qkv.weight.dtype == model.patch_embed.proj.weight.dtype == torch.bfloat16
             assert model.blocks[0].norm1.weight.dtype == model.down_proj_att.weight.dtype == torch.float32
             kept = model(images)
@@ -2252,7 +2253,7 @@ def test_fgvc_augmentation_never_reseeds_the_cuda_generator(tmp_path, monkeypatc
 @pytest.mark.parametrize("n, batch_size, world", [(33, 8, 2), (9, 8, 4), (16, 8, 2), (5, 32, 1)])
 def test_no_process_gets_an_empty_batch_and_the_weights_give_the_batch_mean(n, batch_size, world):
     order = torch.randperm(n)
-    per_rank = [runs.shares(order, batch_size, SimpleNamespace(rank=r, world=world)) for r in range(world)]
+    per_rank = [train.shares(order, batch_size, SimpleNamespace(rank=r, world=world)) for r in range(world)]
     for step in range(len(per_rank[0][0])):
         batch = order[step * batch_size:(step + 1) * batch_size]
         assert all(len(indices[step]) > 0 for indices, _ in per_rank)  # no kernel sees a batch of 0

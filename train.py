@@ -9,96 +9,35 @@
     torchrun --nproc_per_node=4 train.py --data dtd # several GPUs; --batch-size stays the global batch
 
 A setting comes from the command line if given there; else, with --resume, from the run itself; else
-from the authors' recipe for the task and model (what the official scripts ran; see the README). A
-run's folder gets metrics.jsonl (a line an epoch), checkpoint.pth (every epoch), adapters.pth (the
-trained tensors) and folded.pth (the plain model, adapters folded in); a suite gets a folder per task,
-and results.md and results.json after each task.
+from the authors' recipe for the task and model (paper.py); else from paper.DEFAULTS. A run's folder gets
+metrics.jsonl (a line an epoch), checkpoint.pth (for --resume), adapters.pth (the trained tensors) and
+folded.pth (the plain model, adapters folded in); a suite gets a folder per task and results tables.
+Around the loop, runs.py keeps the run's files, stop requests and processes; data.py the data.
 """
 import argparse
+import contextlib
 import math
 import os
 import signal
 import sys
 import time
+import warnings
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
 import arc
 import data
-import runs  # the plumbing around the loop: files, resume, stop requests, processes, suites
+import paper
+import runs
 import swin
 import vit
 from runs import UserError
 
-MODELS = {name: getattr(module, name) for module, names in
-          ((vit, ("vit_t16", "vit_s16", "vit_b16", "vit_l16", "vit_h14")), (swin, ("swin_t", "swin_s", "swin_b", "swin_l")))
-          for name in names}
-
-# ---------------------------------------------------------------------------------------------------
-# The authors' recipes (ARC.md sections 3 and 7). DEFAULTS ends with the official VTAB-1k recipe on the
-# ViT (vtab_ARC_train.py); the FGVC and Swin recipes change what they list.
-
-DEFAULTS = dict(data="dtd", data_dir="./data", model="vit_b16", weights="auto", method="arc", rank=50, batch_size=32,
-                epochs=100, img_size=224, seed=42, eval_every=10,
-                lr=1e-2, weight_decay=0.0, warmup_epochs=10, adapter_dropout=0.1, vit_dropout=0.0, drop_path=0.0)
-FGVC_RECIPES = {  # FGVC_ARC_train.py, the authors' settings per dataset
-    "cub": dict(lr=1e-3, weight_decay=0.05, adapter_dropout=0.1, vit_dropout=0.1),
-    "nabirds": dict(lr=2e-4, weight_decay=0.05, adapter_dropout=0.1, vit_dropout=0.1),
-    "flowers": dict(lr=2.5e-3, weight_decay=0.01, adapter_dropout=0.1, vit_dropout=0.1),
-    "dogs": dict(lr=2.5e-4, weight_decay=0.05, adapter_dropout=0.1, vit_dropout=0.0),
-    "cars": dict(lr=5e-3, weight_decay=0.05, adapter_dropout=0.0, vit_dropout=0.1),
-}
-# train_ARC_swin.py with Model/ARC_swin_b.py: drop-path 0.1, and adapter dropout 0.5 (the blocks' default)
-# in every run, as the per-task 'a_drop' it prints never reaches the model. Its lr and weight decay per task:
-SWIN_RECIPE = dict(adapter_dropout=0.5, drop_path=0.1)
-SWIN_VTAB = {
-    "cifar": (5e-3, 1e-2), "caltech101": (3e-3, 5e-2), "dtd": (5e-3, 5e-2), "oxford_flowers102": (5e-3, 5e-5),
-    "oxford_iiit_pet": (1e-2, 5e-2), "svhn": (1e-2, 5e-2), "sun397": (5e-3, 5e-5), "patch_camelyon": (5e-3, 5e-5),
-    "eurosat": (3e-3, 0.0), "resisc45": (1e-2, 0.0), "diabetic_retinopathy": (5e-3, 5e-5), "clevr_count": (2e-3, 5e-2),
-    "clevr_dist": (1e-3, 5e-2), "dmlab": (5e-3, 1e-2), "kitti": (1e-2, 0.0), "dsprites_loc": (1e-2, 0.0),
-    "dsprites_ori": (5e-3, 0.0), "smallnorb_azi": (1e-2, 5e-3), "smallnorb_ele": (1e-3, 5e-2),
-}
-RECIPE_KEYS = ("lr", "weight_decay", "warmup_epochs", "adapter_dropout", "vit_dropout", "drop_path")
-
-
-def recipe(task, model):
-    """(name, settings) of the authors' recipe for `task` on `model`."""
-    vtab = {key: DEFAULTS[key] for key in RECIPE_KEYS}
-    if model.startswith("swin"):
-        lr, weight_decay = SWIN_VTAB.get(task, (vtab["lr"], vtab["weight_decay"]))
-        name = "Swin VTAB-1k" if task in SWIN_VTAB else f"Swin (no official {task} run: VTAB-1k's lr and weight decay)"
-        return f"{name} (train_ARC_swin.py)", {**vtab, **SWIN_RECIPE, "lr": lr, "weight_decay": weight_decay}
-    if task in FGVC_RECIPES:
-        return f"FGVC {task} (FGVC_ARC_train.py)", {**vtab, **FGVC_RECIPES[task]}
-    return "VTAB-1k (vtab_ARC_train.py)", vtab
-
-
-def settings(given, saved=None):
-    """The run's settings, each with where it came from: the command line, the run being resumed, the
-    recipe for its task and model, or DEFAULTS."""
-    first = lambda key: given.get(key, (saved or DEFAULTS)[key])
-    recipe_name, recipe_values = recipe(first("data"), first("model"))
-    cfg, sources = {}, {}
-    for key in DEFAULTS:
-        cfg[key], sources[key] = next((values[key], source) for source, values in (
-            ("command line", given), ("run", saved or {}), ("recipe", recipe_values), ("default", DEFAULTS))
-            if key in values)
-    unused = "drop_path" if cfg["model"].startswith("vit") else "vit_dropout"  # each model has one of the two
-    if given.get(unused):
-        raise UserError(f"{runs.flag(unused)} does not apply to {cfg['model']}: --vit-dropout is for ViTs, "
-                        f"--drop-path for Swin")
-    cfg[unused], sources[unused] = 0.0, "n/a"
-    if 0 < cfg["epochs"] <= cfg["warmup_epochs"] and sources["warmup_epochs"] != "run":
-        if sources["warmup_epochs"] == "command line":
-            raise UserError(f"--warmup-epochs {cfg['warmup_epochs']} must be less than --epochs {cfg['epochs']}, "
-                            f"or the learning rate never decays")
-        cfg["warmup_epochs"], sources["warmup_epochs"] = cfg["epochs"] // 10, "shortened to a tenth of --epochs"
-    return SimpleNamespace(**cfg), sources, recipe_name
-
-
+MODELS = {name: getattr(module, name) for module in (vit, swin) for name in module.CONFIGS}
 # ---------------------------------------------------------------------------------------------------
 # Options
 
@@ -107,9 +46,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """--help gives each option's default, or says that the task's recipe sets it."""
 
     def _get_help_string(self, action):
-        if action.dest in RECIPE_KEYS:
+        if action.dest in paper.RECIPE_KEYS:
             return f"{action.help} (default: the task's recipe)"
-        default = DEFAULTS.get(action.dest, action.default)
+        default = paper.DEFAULTS.get(action.dest, action.default)
         return action.help if default in (None, False, argparse.SUPPRESS) else f"{action.help} (default: {default})"
 
 
@@ -130,6 +69,8 @@ def parse_args(argv=None):
     add("--adapter-dropout", "dropout on the adapters' bottleneck: 0.1 on ViTs, 0.5 on Swin", type=float)
     add("--vit-dropout", "ViT dropout after the position embedding and in the MLP: 0 on VTAB-1k", type=float)
     add("--drop-path", "Swin stochastic depth at the last block, rising from 0 at the first: 0.1", type=float)
+    add("--swin-ffn-adapter", "norm2 (foldable), or residual: on the residual stream, as the official ARC Swin",
+        choices=["norm2", "residual"])
     add("--lr", "AdamW peak learning rate: 0.01 on VTAB-1k with a ViT", type=float)
     add("--weight-decay", "AdamW weight decay: 0 on VTAB-1k with a ViT", type=float)
     add("--batch-size", "global batch, over all processes", type=int)
@@ -145,14 +86,37 @@ def parse_args(argv=None):
     add("--eval-only", "test --checkpoint (an adapters.pth or folded.pth)", action="store_true")
     add("--checkpoint", "for --eval-only")
     args = p.parse_args(argv)
-    runs.check_options(args, p.error)
-    if args.data_dir:
-        args.data_dir = os.path.abspath(args.data_dir)
-    if args.weights not in (None, "auto", "none"):
-        args.weights = os.path.abspath(args.weights)
-    if args.data and data.is_path(args.data):
-        args.data = os.path.abspath(args.data)
-    return args, {key: getattr(args, key) for key in DEFAULTS if getattr(args, key) is not None}
+    check_options(args, p.error)
+    for key in ("data_dir", "weights", "data"):  # paths made absolute; names (auto, none, dtd, vtab-1k) kept
+        value = getattr(args, key)
+        if value and (key == "data_dir" or key == "weights" and value not in ("auto", "none")
+                      or key == "data" and data.is_path(value)):
+            setattr(args, key, os.path.abspath(value))
+    return args, {key: getattr(args, key) for key in paper.DEFAULTS if getattr(args, key) is not None}
+
+
+def check_options(args, error):
+    """Numbers in their ranges, a device this machine has, and options that go together; else error(message)."""
+    for keys, ok, rule in ((("rank", "batch_size", "epochs", "img_size", "eval_every"), lambda v: v >= 1, "at least 1"),
+                           (("warmup_epochs", "workers"), lambda v: v >= 0, "at least 0"),
+                           (("lr", "weight_decay"), lambda v: 0 <= v <= 10, "a number from 0 to 10 (recipes: 0 to 0.05)"),
+                           (("adapter_dropout", "vit_dropout", "drop_path"), lambda v: 0 <= v < 1, "a rate in [0, 1)")):
+        for key in keys:
+            if getattr(args, key) is not None and not ok(getattr(args, key)):  # `not ok`: nan fails every test
+                error(f"{runs.flag(key)} {getattr(args, key)} must be {rule}")
+    try:
+        device_type = torch.device(args.device).type
+    except RuntimeError:
+        device_type = None
+    if device_type not in ("cpu", "cuda"):
+        error(f"--device {args.device} is not a device this script runs on: cpu, cuda or cuda:N")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        error(f"--device {args.device}: torch sees no CUDA GPU here; use --device cpu")
+    if args.eval_only != bool(args.checkpoint):
+        error("--eval-only and --checkpoint go together: --eval-only --checkpoint runs/<run>/adapters.pth")
+    if args.resume and args.out and os.path.abspath(args.out) not in (os.path.abspath(args.resume),
+                                                                        os.path.dirname(os.path.abspath(args.resume))):
+        error(f"--resume {args.resume} and --out {args.out} name different runs: give one of them")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -160,34 +124,40 @@ def parse_args(argv=None):
 
 
 def build_model(cfg, num_classes):
-    kw = dict(dropout=cfg.vit_dropout) if cfg.model.startswith("vit") else dict(drop_path=cfg.drop_path)
+    family = dict(dropout=cfg.vit_dropout) if cfg.model.startswith("vit") else dict(
+        drop_path=cfg.drop_path, ffn_adapter=cfg.swin_ffn_adapter)
     try:
-        return MODELS[cfg.model](num_classes=num_classes, img_size=cfg.img_size, rank=cfg.rank, **kw,
+        return MODELS[cfg.model](num_classes=num_classes, img_size=cfg.img_size, rank=cfg.rank, **family,
                                  arc=cfg.method if cfg.method in ("arc", "arc_att") else None,
                                  adapter_dropout=cfg.adapter_dropout)
     except ValueError as e:
         raise UserError(f"--img-size {cfg.img_size} does not suit --model {cfg.model}: {e}") from None
 
 
-def prepare_model(cfg, num_classes, weights_path):
+def prepare_model(cfg, num_classes, weights_path, log):
     """The model of `cfg` with its pretrained weights, and only what its method trains trainable."""
     torch.manual_seed(cfg.seed)  # with --weights none the frozen backbone is the seed's random init
     model = build_model(cfg, num_classes)
-    runs.load_weights(model, cfg.model, cfg.weights, weights_path)
-    mark_trainable(model, cfg.method)
+    with warnings.catch_warnings(record=True) as notes:  # the loaders' notes: a head left out, a resize
+        warnings.simplefilter("always")
+        runs.load_weights(model, cfg.model, cfg.weights, weights_path)
+    for note in notes:
+        log(f"note: {note.message}")
+    if cfg.method in ("arc", "arc_att"):
+        arc.mark_trainable(model)
+    else:
+        for name, param in model.named_parameters():
+            param.requires_grad_(cfg.method == "full" or name.startswith("head."))
     return model
 
 
-def mark_trainable(model, method):
-    if method in ("arc", "arc_att"):
-        return arc.mark_trainable(model)
-    for name, param in model.named_parameters():
-        param.requires_grad_(method == "full" or name.startswith("head."))
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def folds(cfg):
+    """Whether the run's adapters fold into its weights: all do but the official Swin's FFN-side placement."""
+    return not (cfg.method == "arc" and cfg.model.startswith("swin") and cfg.swin_ffn_adapter == "residual")
 
 
 # ---------------------------------------------------------------------------------------------------
-# The step, the schedule, evaluation
+# The step, and what it means: its share of the batch, its loss weight, its precision
 
 
 def autocast(device):
@@ -202,9 +172,41 @@ def lr_at(step, cfg, steps_per_epoch):
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def shares(order, batch_size, ctx):
+    """This process's share of each global batch of `order` (the same order on every process), and the weight
+    that makes its summed loss `world` times its part of the batch mean: DDP's average of the gradients is then
+    exactly the one-process gradient. A share that would be empty (a short last batch) is one image at weight 0:
+    the process still takes part in DDP's step, and no kernel is given an empty batch."""
+    indices, weights = [], []
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        share = batch[ctx.rank::ctx.world]
+        indices.append(share if len(share) else batch[:1])
+        weights.append(ctx.world / len(batch) if len(share) else 0.0)
+    return indices, weights
+
+
+@contextlib.contextmanager
+def frozen_in_bf16(model, enabled):
+    """Keep the frozen weights of linear and conv layers in bf16 while training on CUDA: autocast caches its
+    casts only of tensors that require grad, and would cast these ~86M values again at every forward. The result
+    is the same (autocast runs those layers in bf16 anyway). The float32 originals wait in host memory, not on
+    the GPU (0.34 GB for ViT-B, 2.5 GB for ViT-H), and come back on exit, for folding."""
+    frozen = [p for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and enabled
+              for p in m.parameters(recurse=False) if not p.requires_grad]
+    originals = [p.data.to("cpu") for p in frozen]
+    for p in frozen:
+        p.data = p.data.to(torch.bfloat16)
+    try:
+        yield
+    finally:
+        for p, original in zip(frozen, originals):
+            p.data = original.to(p.device)
+
+
 def train_step(net, optimizer, params, images, labels, loss_weight):
-    """Forward, backward, clip, AdamW. `loss_weight` turns the summed loss of this process's images into its
-    part of the batch mean (runs.shares). Returns the loss as a device tensor: no host sync here."""
+    """Forward, backward, clip, AdamW. The loss is this process's summed loss times `loss_weight` (see shares).
+    Returns it as a device tensor: no host sync here."""
     with autocast(images.device):
         loss = F.cross_entropy(net(data.normalize(images)), labels, reduction="sum") * loss_weight
     optimizer.zero_grad(set_to_none=True)
@@ -218,9 +220,9 @@ def train_step(net, optimizer, params, images, labels, loss_weight):
 def evaluate(model, loader, batch_size, ctx):
     """Test accuracy in %, counted on the device and summed over processes."""
     model.eval()
-    indices, loss_weights = runs.shares(torch.arange(len(loader)), batch_size, ctx)
+    indices, loss_weights = shares(torch.arange(len(loader)), batch_size, ctx)
     counts = torch.zeros(2, device=ctx.device)  # correct, total: one host sync at the end
-    for images, labels in loader([i for i, w in zip(indices, loss_weights) if w]):  # weight 0: a stand-in image
+    for images, labels in loader([i for i, w in zip(indices, loss_weights) if w]):  # weight 0: a stand-in, skipped
         with autocast(ctx.device):
             counts[0] += (model(data.normalize(images)).argmax(-1) == labels).sum()
         counts[1] += len(labels)
@@ -234,42 +236,38 @@ def evaluate(model, loader, batch_size, ctx):
 # A run: set up, the loop, the end
 
 
-class Run(SimpleNamespace):
-    """One run's state: ctx (where this process runs), cfg (settings), out (its folder), model, task, params
-    (what trains), optimizer, history (a metrics dict per finished epoch), seconds (where the time went).
-    runs.save_checkpoint and runs.restore_checkpoint read and write these fields."""
-
-
-def run_task(given, out, ctx, resume=None, task=None):
+def run_task(given, out, ctx, resume=None):
     """One run into `out`, fresh or continued from `resume` (a folder or its checkpoint.pth); returns its result.
     The cheap checks come first (settings, the folder, the data's presence), then the weights (perhaps a
-    download), then the data (decoding). `task`: a data.Task to use instead of --data (bench.py)."""
+    download), then the data (decoding)."""
     started = time.time()
     checkpoint = runs.read_checkpoint(resume, ctx.world) if resume else None
-    cfg, sources, recipe_name = settings(given, checkpoint and checkpoint["config"])
-    done = checkpoint and runs.finished(out)
-    finished = bool(done) and done["epochs"] == cfg.epochs == len(checkpoint["history"])
+    if checkpoint:  # a run from before an option existed had its default
+        checkpoint["config"] = {**paper.DEFAULTS, **checkpoint["config"]}
+    cfg, sources, recipe_name = paper.settings(given, checkpoint and checkpoint["config"])
+    done = checkpoint and runs.finished(out, cfg.epochs, len(checkpoint["history"]), folded=folds(cfg))
     if checkpoint:
         runs.check_resume(given, checkpoint["config"], len(checkpoint["history"]), out)
-        runs.check_weights(given, checkpoint["config"], f"--resume {out}", needed=not finished)
+        runs.check_weights(given, checkpoint["config"], f"--resume {out}", needed=not done)
     runs.check_out(out, fresh=not checkpoint)
     with torch.device("meta"):  # the options against the model, before any data is decoded
         build_model(cfg, num_classes=1)
     ctx.log(f"{cfg.data}: {cfg.model} {cfg.method}, {recipe_name} recipe; " + ", ".join(
         f"{key} {getattr(cfg, key)} ({sources[key]})" for key in ("rank", "batch_size", "epochs", "img_size", "seed",
-                                                                  *RECIPE_KEYS) if sources[key] != "n/a"))
-    if finished:
+                                                                  *paper.RECIPE_KEYS) if sources[key] != "n/a"))
+    if done:
         ctx.log(f"{out} has finished its {cfg.epochs} epochs (--resume with more --epochs trains it for longer)")
         return done["result"]
-    if task is None:
-        runs.check_data(cfg.data, cfg.data_dir)
-    weights_path = runs.node_first(ctx, runs.weights_file, cfg.weights, cfg.model)  # a download before the decoding
+    runs.check_data(cfg.data, cfg.data_dir)
+    weights_path = runs.node_first(ctx, runs.weights_file, cfg.weights, cfg.model, ctx.log)  # before the decoding
     cfg.weights_bytes = os.path.getsize(weights_path) if weights_path else 0  # its identity on --resume, --eval-only
-    task = task or runs.node_first(ctx, data.build, cfg.data, cfg.data_dir, cfg.img_size, ctx.workers, ctx.log)
+    task = runs.node_first(ctx, data.build, cfg.data, cfg.data_dir, cfg.img_size, ctx.workers, ctx.log)
     cfg.classes = task.classes
     if checkpoint:
         runs.check_classes(checkpoint["config"]["classes"], task, f"--resume {out}: the run")
-    model = prepare_model(cfg, task.num_classes, weights_path).to(ctx.device)
+    model = prepare_model(cfg, task.num_classes, weights_path, ctx.log).to(ctx.device)
+    if ctx.rank:  # dropout and drop-path: each process draws its own masks, the first the one-process stream
+        torch.manual_seed(cfg.seed * 1000 + ctx.rank)
     params = [p for p in model.parameters() if p.requires_grad]
     ctx.log(f"{task.description}\n{cfg.model} {cfg.method}: {sum(p.numel() for p in params):,} trainable parameters; "
             f"{ctx.world} process(es) on {ctx.device}{', bf16 autocast' if ctx.device.type == 'cuda' else ''}; "
@@ -277,46 +275,53 @@ def run_task(given, out, ctx, resume=None, task=None):
     if ctx.rank == 0:
         os.makedirs(out, exist_ok=True)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=ctx.device.type == "cuda")
-    run = Run(ctx=ctx, cfg=cfg, out=out, model=model, task=task, params=params, optimizer=optimizer, history=[],
-              seconds={"setup": time.time() - started})
+    run = runs.Run(ctx, cfg, out, model, optimizer, history=[])
     if checkpoint:
         runs.restore_checkpoint(run, checkpoint)
-    train(run)
-    return finish(run)
+    setup_seconds = time.time() - started
+    train(run, task)
+    return finish(run, task, setup_seconds)
 
 
-def train(run):
-    """The loop: for each epoch, for each batch: learning rate, forward, loss, backward, clip, step; then
-    test, save and log."""
+def train(run, task):
+    """The loop: for each epoch, for each batch: learning rate, forward, loss, backward, clip, step; then the
+    epoch's loss (a nan stops the run), test, save and log."""
     ctx, cfg, model, optimizer = run.ctx, run.cfg, run.model, run.optimizer
-    net = runs.distributed(model, ctx)
-    train_data, test_data = (data.Loader(split, ctx.device) for split in (run.task.train, run.task.test))
+    net, params = runs.distributed(model, ctx), [p for p in model.parameters() if p.requires_grad]
+    train_data, test_data = data.Loader(task.train, ctx.device), data.Loader(task.test, ctx.device)
     steps = math.ceil(len(train_data) / cfg.batch_size)
-    pace = runs.Pace(ctx, (cfg.epochs - len(run.history)) * steps)
-    with runs.StopFlag() as stop, runs.frozen_in_bf16(model, ctx.device.type == "cuda"):
+    pace, checkpoints = runs.Pace(ctx, (cfg.epochs - len(run.history)) * steps), runs.Checkpoints(run)
+    with runs.StopFlag() as stop, frozen_in_bf16(model, ctx.device.type == "cuda"):
         for epoch in range(len(run.history), cfg.epochs):
-            started, losses = time.time(), runs.LossMeter(ctx, steps)
+            started, losses = time.time(), torch.zeros(steps, device=ctx.device)  # read once, after the epoch
             order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-            indices, loss_weights = runs.shares(order, cfg.batch_size, ctx)
+            indices, loss_weights = shares(order, cfg.batch_size, ctx)
             for step, (images, labels) in enumerate(train_data(indices, seed=cfg.seed * 1000 + epoch)):
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(epoch * steps + step, cfg, steps)
-                losses.add(step, train_step(net, optimizer, run.params, images, labels, loss_weights[step]))
+                losses[step] = train_step(net, optimizer, params, images, labels, loss_weights[step])
                 pace.step()
                 if stop.is_set(ctx.control):
-                    raise runs.Interrupted(stop.signum, epoch)
-            epoch_loss = losses.mean(epoch, run.out)  # the epoch's one host sync: the GPU's work is done, timed
+                    raise runs.Interrupted(stop.signum, checkpoints.epochs_saved)
+            if ctx.world > 1:
+                dist.all_reduce(losses)  # world times the batch means: see shares
+            losses = (losses / ctx.world).tolist()  # the epoch's one host sync: the GPU's work is done, timed
+            diverged = [step for step, loss in enumerate(losses) if not math.isfinite(loss)]
+            if diverged:
+                raise UserError(f"the loss became nan or infinite at epoch {epoch + 1}, step {diverged[0] + 1}; the "
+                                f"last checkpoint ({run.out}/checkpoint.pth) is untouched. Try a lower --lr")
             seconds = time.time() - started
-            metrics = {"epoch": epoch + 1, "loss": epoch_loss, "lr": optimizer.param_groups[0]["lr"],
+            metrics = {"epoch": epoch + 1, "loss": round(sum(losses) / steps, 5), "lr": optimizer.param_groups[0]["lr"],
                        "train_s": round(seconds, 2), "images_per_s": round(len(train_data) / seconds, 1)}
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 metrics["test_acc"] = evaluate(model, test_data, 4 * cfg.batch_size, ctx)
                 metrics["test_s"] = round(time.time() - started - metrics["train_s"], 2)
             metrics["elapsed_s"] = round(time.time() - started + (run.history[-1]["elapsed_s"] if run.history else 0), 1)
             run.history.append(metrics)
-            runs.save_checkpoint(run)
+            stopping = stop.is_set(ctx.control)
+            checkpoints.after_epoch(stopping)
             log_epoch(ctx, metrics, cfg.epochs)
-            if stop.is_set(ctx.control) and epoch + 1 < cfg.epochs:
+            if stopping and epoch + 1 < cfg.epochs:
                 raise runs.Interrupted(stop.signum, epoch + 1)
 
 
@@ -327,38 +332,42 @@ def log_epoch(ctx, metrics, epochs):
             f"eta {runs.fmt_time(eta)}" + (f"  test {metrics['test_acc']:.2f}%" if "test_acc" in metrics else ""))
 
 
-def finish(run):
+def finish(run, task, setup_seconds):
     """adapters.pth; the adapters folded into the weights, checked on test images; folded.pth; a summary.
     Returns the result: final and best accuracy, trainable parameters, seconds."""
     started, tested = time.time(), [m["test_acc"] for m in run.history if "test_acc" in m]
-    result = {"final": tested[-1], "best": max(tested), "trainable": sum(p.numel() for p in run.params),
-              "seconds": {"setup": round(run.seconds["setup"], 1),
+    trained = runs.trained_tensors(run.model)
+    result = {"final": tested[-1], "best": max(tested), "trainable": sum(v.numel() for v in trained.values()),
+              "seconds": {"setup": round(setup_seconds, 1),
                           "training": round(sum(m["train_s"] for m in run.history), 1),
                           "testing": round(sum(m.get("test_s", 0) for m in run.history), 1)}}
-    trained = runs.trained_tensors(run.model)
-    if run.cfg.method in ("arc", "arc_att"):
-        run.ctx.log(fold_and_compare(run.model, data.Loader(run.task.test, run.ctx.device)))
+    if not folds(run.cfg):
+        run.ctx.log("adapters not folded: with --swin-ffn-adapter residual (the official ARC Swin's placement) the "
+                    "FFN adapter transforms the residual stream, which no weight can absorb; adapters.pth is the run")
+    elif run.cfg.method in ("arc", "arc_att"):
+        run.ctx.log(fold_and_compare(run.model, task.test, run.ctx.device))
     result["seconds"]["finish"] = round(time.time() - started, 1)
     record = {**vars(run.cfg), "result": result}
     adapters, folded = os.path.join(run.out, "adapters.pth"), os.path.join(run.out, "folded.pth")
     if run.ctx.rank == 0:  # folded.pth: the plain architecture, whatever the method (--eval-only reads it so)
-        runs.save_atomic({"config": {**record, "method": "folded", "trained_with": run.cfg.method},
-                          "state_dict": {k: v.cpu() for k, v in run.model.state_dict().items()}}, folded)
+        if folds(run.cfg):
+            runs.save_atomic({"config": {**record, "method": "folded", "trained_with": run.cfg.method},
+                              "state_dict": {k: v.cpu() for k, v in run.model.state_dict().items()}}, folded)
         runs.save_atomic({"config": record, "state_dict": trained}, adapters)  # last: the run is done
         run.ctx.log(f"summary: {run.cfg.model} {run.cfg.method} on {run.cfg.data}: {result['trainable']:,} trainable "
                     f"parameters, final test accuracy {result['final']:.2f}%, best over evaluated epochs "
                     f"{result['best']:.2f}% (selected on the test set, as the official code reports), "
                     f"{runs.fmt_time(run.history[-1]['elapsed_s'])} training and testing\nsaved {adapters} "
-                    f"({os.path.getsize(adapters) / 1e6:.2f} MB) and {folded}")
+                    f"({os.path.getsize(adapters) / 1e6:.2f} MB)" + f" and {folded}" * folds(run.cfg))
     return result
 
 
 @torch.no_grad()
-def fold_and_compare(model, loader, n=64):
-    """Fold the adapters into the weights, comparing float32 logits of the first n test images before and
-    after: cheaper than testing twice, and no bf16 near-tie can hide or fake a difference."""
+def fold_and_compare(model, test_split, device, n=64):
+    """Fold the adapters into the weights, comparing float32 logits of the first n test images before and after:
+    cheaper than testing twice, no bf16 near-tie can hide or fake a difference, and only n images are sent."""
     model.eval()
-    images = data.normalize(next(loader([torch.arange(min(n, len(loader)))]))[0])
+    images = data.normalize(test_split.images[:n].to(device))
     before = model(images)
     arc.reparameterize(model)
     gap, scale = torch.stack([(model(images) - before).abs().max(), before.abs().max()]).tolist()
@@ -372,7 +381,8 @@ def eval_only(args, given, ctx):
     weights are now."""
     source = f"--checkpoint {args.checkpoint}"
     saved = runs.read_saved(args.checkpoint, "--checkpoint", ("config", "state_dict"), "an adapters.pth or folded.pth")
-    cfg = SimpleNamespace(**{**saved["config"], **{k: v for k, v in given.items() if k in ("data_dir", "weights")}})
+    cfg = SimpleNamespace(**{**paper.DEFAULTS, **saved["config"], **{k: v for k, v in given.items() if k in ("data_dir",
+                                                                                                      "weights")}})
     cfg.data = given["data"] if "data" in given and data.is_path(cfg.data) else cfg.data
     runs.check_data(cfg.data, cfg.data_dir)
     if cfg.method == "folded":
@@ -383,25 +393,13 @@ def eval_only(args, given, ctx):
             raise UserError(f"{source} does not fit {cfg.model}: {' '.join(str(e).split())[:300]}") from None
     else:
         runs.check_weights(given, saved["config"], source)
-        model = prepare_model(cfg, len(cfg.classes), runs.weights_file(cfg.weights, cfg.model))
+        model = prepare_model(cfg, len(cfg.classes), runs.weights_file(cfg.weights, cfg.model, ctx.log), ctx.log)
         runs.load_trained_tensors(model, saved["state_dict"], args.checkpoint)
     task = data.build(cfg.data, cfg.data_dir, cfg.img_size, ctx.workers, ctx.log)
     runs.check_classes(cfg.classes, task, source)
     accuracy = evaluate(model.to(ctx.device), data.Loader(task.test, ctx.device), 4 * cfg.batch_size, ctx)
     ctx.log(f"{args.checkpoint}: {cfg.model} {cfg.method} on {cfg.data}: test accuracy {accuracy:.2f}%")
     return accuracy
-
-
-def run_suite(given, out, ctx, resume):
-    """Each task in turn, in its own subfolder of `out`, with its own recipe; results.md and results.json
-    after every task. Resumed, it skips finished tasks and continues the others; options given then apply
-    to this invocation (suite.json keeps the ones the suite started with)."""
-    results = {}
-    for folder, options, resume_from in runs.plan_suite(given, out, ctx, resume, os.path.abspath(DEFAULTS["data_dir"])):
-        results[os.path.basename(folder)] = run_task(options, folder, ctx, resume_from)
-        if ctx.rank == 0:
-            runs.write_results(out, results, options.get("model", DEFAULTS["model"]),
-                               options.get("method", DEFAULTS["method"]))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -413,19 +411,18 @@ def main(argv=None):
     resume = args.resume and os.path.abspath(args.resume)
     folder = resume and runs.run_folder(resume)
     in_suite = bool(folder) and os.path.isfile(os.path.join(folder, "suite.json"))  # --resume names a suite's folder
-    suite = in_suite or bool(runs.suite_tasks(given.get("data", "")))
-    name = "_".join([os.path.basename(os.path.normpath(given.get("data", DEFAULTS["data"]))).replace(",", "+"),
-                     given.get("model", DEFAULTS["model"]), given.get("method", DEFAULTS["method"])])
+    suite = in_suite or bool(paper.suite_tasks(given.get("data", "")))
+    name = "_".join([os.path.basename(os.path.normpath(given.get("data", paper.DEFAULTS["data"]))).replace(",", "+"),
+                     given.get("model", paper.DEFAULTS["model"]), given.get("method", paper.DEFAULTS["method"])])
     out = folder or args.out or os.path.join("runs", name)
     try:
         if args.eval_only:
             return eval_only(args, given, ctx)
-        return run_suite(given, out, ctx, bool(resume)) if suite else run_task(given, out, ctx, resume)
+        if suite:
+            return paper.run_suite(given, out, ctx, bool(resume), run_task)
+        return run_task(given, out, ctx, resume)
     except (UserError, data.DataError) as e:
-        message = str(e)
-        if isinstance(e, data.DataError) and "Traceback" in message:  # raised in a DataLoader worker, wrapped
-            message = message.strip().splitlines()[-1].split("DataError: ")[-1]
-        print(f"error: {' '.join(message.split())}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(1)
     except runs.Interrupted as e:
         if ctx.rank == 0:
