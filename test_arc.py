@@ -2340,29 +2340,89 @@ def test_swin_shift_mask_broadcasts_over_images_instead_of_being_copied(monkeypa
     assert [(tuple(q[:2]), tuple(mask)) for q, mask in masks[:2]] == [((48, 1), (1, 1, 16, 16)), ((3, 16), (1, 16, 16, 16))]
 
 
-def test_two_processes_stopped_and_resumed_end_as_one_uninterrupted_run(tmp_path):
-    # torchrun runs a script that makes train.py's stop flag fire in epoch 2 on both processes
-    script = tmp_path / "stopping.py"
-    script.write_text(f"""import signal, sys
+def test_two_processes_draw_their_own_dropout_masks_and_a_stopped_run_resumes_bitwise(tmp_path):
+    # torchrun runs a script that records the first dropout mask each process draws in training and, with STOP_AT,
+    # makes train.py's stop flag fire in epoch 2 on both processes. Adapter dropout: the recipe's 0.1
+    script = tmp_path / "recording.py"
+    script.write_text(f"""import os, signal, sys, torch
 sys.path.insert(0, {HERE!r})
 import runs, train
-calls = []
+out, stop_at = sys.argv[sys.argv.index("--out") + 1], int(os.environ.get("STOP_AT", 0))
+dropout, calls = torch.nn.Dropout.forward, []
+def recording(self, x):
+    y = dropout(self, x)
+    mask = os.path.join(out, "mask" + os.environ["RANK"] + ".pt")
+    if self.training and self.p > 0 and x.ne(0).any() and not os.path.exists(mask):  # (c_att starts at 0)
+        torch.save((y == 0) & (x != 0), mask)
+    return y
 def is_set(self, group):  # 16 steps an epoch, each asking, and one question after the epoch
     calls.append(1)
-    self.signum = signal.SIGTERM if len(calls) == 17 + 5 else self.signum
+    self.signum = signal.SIGTERM if len(calls) == stop_at else self.signum
     return bool(self.signum)
-runs.StopFlag.is_set = is_set
+torch.nn.Dropout.forward = recording
+if stop_at:
+    runs.StopFlag.is_set = is_set
 train.main()
 """)
-    args = [*TINY_RUN, "--adapter-dropout", "0", "--out", tmp_path / "two", "--device", "cpu"]
-    run = lambda target, *extra: subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", target, *map(str, args),
-         *extra], cwd=HERE, capture_output=True, text=True, timeout=600)
-    stopped = run(str(script))
+    run = lambda out, target, *extra, stop_at=0: subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", target, *map(str, TINY_RUN),
+         "--out", str(out), "--device", "cpu", *extra], cwd=HERE, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "STOP_AT": str(stop_at)})
+    straight = run(tmp_path / "straight", str(script))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    first, second = (torch.load(tmp_path / "straight" / f"mask{rank}.pt") for rank in (0, 1))
+    assert first.shape == second.shape and first.any() and not torch.equal(first, second)  # each its own masks
+    stopped = run(tmp_path / "cut", str(script), stop_at=17 + 5)
     assert stopped.returncode != 0 and "stopped by SIGTERM after 1 epoch(s)" in stopped.stderr, stopped.stderr[-2000:]
-    resumed = run("train.py", "--resume", str(tmp_path / "two"))
+    resumed = run(tmp_path / "cut", "train.py", "--resume", tmp_path / "cut")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert run_train(*TINY_RUN, "--adapter-dropout", "0", "--out", tmp_path / "one") == 0
-    one, two = trained(tmp_path / "one" / "adapters.pth"), trained(tmp_path / "two" / "adapters.pth")
-    assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
-    assert [m["epoch"] for m in metrics(tmp_path / "two")] == [1, 2]
+    one, two = trained(tmp_path / "straight" / "adapters.pth"), trained(tmp_path / "cut" / "adapters.pth")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)  # bitwise
+    assert [m["epoch"] for m in metrics(tmp_path / "cut")] == [1, 2]
+
+
+def test_checkpoints_are_skipped_while_the_last_one_costs_over_a_tenth_of_the_time_since(tmp_path, monkeypatch):
+    clock, written = [0.0], []
+    monkeypatch.setattr(runs.time, "time", lambda: clock[0])
+
+    def save_checkpoint(run):  # as --method full on a large model: 2 s a checkpoint
+        clock[0] += 2.0
+        written.append(len(run.history))
+    monkeypatch.setattr(runs, "save_checkpoint", save_checkpoint)
+    run = runs.Run(runs.Context(torch.device("cpu"), workers=0), SimpleNamespace(epochs=30), str(tmp_path), None, None,
+                   history=[])
+    checkpoints = runs.Checkpoints(run)
+    for epoch in range(30):  # epochs of 1 s, as DTD on ViT-B on a fast GPU
+        clock[0] += 1.0
+        run.history.append({"epoch": epoch + 1})
+        checkpoints.after_epoch(stopping=epoch + 1 == 13)
+        assert len(metrics(tmp_path)) == epoch + 1  # metrics.jsonl: every epoch
+    # after epoch 1 (it took 2 s), next once 20 s have passed; on the stop after epoch 13; after the last
+    assert written == [1, 13, 30] and checkpoints.epochs_saved == 30
+
+
+def test_finish_sends_only_the_fold_check_images_to_the_device(tmp_path, monkeypatch):
+    made = []
+
+    class Counting(data.Loader):
+        def __init__(self, split, device):
+            made.append(len(split))
+            super().__init__(split, device)
+    monkeypatch.setattr(data, "Loader", Counting)
+    assert run_train(*TINY_RUN, "--epochs", "1", "--warmup-epochs", "0", "--out", tmp_path / "run") == 0
+    assert made == [500, 200]  # the training and test splits, once each: the fold check sends its 64 images alone
+
+
+def test_the_official_swin_placement_trains_and_keeps_its_adapters_unfolded(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(train.MODELS, "swin_t", lambda **kw: swin.SwinTransformer(16, (2, 2), (1, 2), window=4, **kw))
+    out, args = tmp_path / "run", ["--data", "synthetic", "--model", "swin_t", "--weights", "none", "--img-size", "32",
+                                   "--epochs", "1", "--warmup-epochs", "0", "--workers", "0"]
+    assert run_train(*args, "--swin-ffn-adapter", "residual", "--out", out) == 0
+    printed = capsys.readouterr().out
+    assert "adapters not folded: with --swin-ffn-adapter residual" in printed and "MISMATCH" not in printed
+    assert (out / "adapters.pth").exists() and not (out / "folded.pth").exists()
+    assert torch.load(out / "adapters.pth", weights_only=True)["config"]["swin_ffn_adapter"] == "residual"
+    assert run_train("--eval-only", "--checkpoint", out / "adapters.pth", "--workers", "0") == 0
+    assert f"test accuracy {metrics(out)[-1]['test_acc']:.2f}%" in capsys.readouterr().out
+    assert run_train("--resume", out, "--workers", "0") == 0 and "has finished" in capsys.readouterr().out
+    _robust_fails([*TINY_RUN, "--swin-ffn-adapter", "residual"], capsys, "--swin-ffn-adapter does not apply to vit_t16")
