@@ -300,6 +300,31 @@ def test_position_embeddings_are_resized_for_another_image_size(tmp_path):
     assert torch.allclose(grid[::2, ::2].mean(), pos[0, 1:].mean(), atol=0.05)  # an interpolation, not noise
 
 
+def test_arc_py_and_vit_py_copied_alone_build_load_train_fold_and_reload(tmp_path):
+    for name in ("arc.py", "vit.py"):
+        shutil.copy(os.path.join(HERE, name), tmp_path / name)
+    write_google_npz(tmp_path / "ViT-tiny.npz", 32, 2, 2, 64, 8, 5, 4)
+    script = """import torch, arc, vit
+model = vit.load_pretrained(vit.VisionTransformer(8, 32, 2, 2, 64, num_classes=5, img_size=32, arc="arc"), "ViT-tiny.npz")
+arc.mark_trainable(model)
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+images = torch.randn(4, 3, 32, 32)
+torch.nn.functional.cross_entropy(model(images), torch.tensor([0, 1, 2, 3])).backward()
+optimizer.step()
+with torch.no_grad():
+    adapted = model.eval()(images)
+    plain = vit.VisionTransformer(8, 32, 2, 2, 64, num_classes=5, img_size=32).eval()
+    plain.load_state_dict(arc.reparameterize(model).state_dict(), strict=True)
+    print((plain(images) - adapted).abs().max().item(), model.blocks[1].adapter_ffn)
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": ""})  # nothing of this repository but the two files
+    assert result.returncode == 0, result.stderr[-2000:]
+    gap, folded_slot = result.stdout.split(maxsplit=1)
+    assert float(gap) < 1e-4 and folded_slot.startswith("Identity()")
+    assert sorted(name for name in os.listdir(tmp_path) if name.endswith(".py")) == ["arc.py", "vit.py"]
+
+
 def test_bad_weight_files_fail_with_a_clear_error(tmp_path):
     write_google_npz(tmp_path / "large.npz", 48, 2, 2, 64, 8, 5, 4)  # wider: another model size
     with pytest.raises(vit.CheckpointError, match=r"large\.npz does not fit.*patch_embed\.proj\.weight \(48, 3, 8, 8\) vs \(32, 3, 8, 8\)"):
