@@ -305,13 +305,13 @@ def train(run, task):
                     raise runs.Interrupted(stop.signum, checkpoints.epochs_saved)
             if ctx.world > 1:
                 dist.all_reduce(losses)  # world times the batch means: see shares
-            losses = (losses / ctx.world).tolist()  # the epoch's one host sync: the GPU's work is done, timed
-            diverged = [step for step, loss in enumerate(losses) if not math.isfinite(loss)]
+            step_losses = (losses / ctx.world).tolist()  # the epoch's one host sync: the GPU's work is done, timed
+            diverged = [step for step, loss in enumerate(step_losses) if not math.isfinite(loss)]
             if diverged:
                 raise UserError(f"the loss became nan or infinite at epoch {epoch + 1}, step {diverged[0] + 1}; the "
                                 f"last checkpoint ({run.out}/checkpoint.pth) is untouched. Try a lower --lr")
             seconds = time.time() - started
-            metrics = {"epoch": epoch + 1, "loss": round(sum(losses) / steps, 5), "lr": optimizer.param_groups[0]["lr"],
+            metrics = {"epoch": epoch + 1, "loss": round(sum(step_losses) / steps, 5), "lr": optimizer.param_groups[0]["lr"],
                        "train_s": round(seconds, 2), "images_per_s": round(len(train_data) / seconds, 1)}
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 metrics["test_acc"] = evaluate(model, test_data, 4 * cfg.batch_size, ctx)
