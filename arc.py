@@ -19,7 +19,7 @@ A_l is linear, so it folds into the layer it feeds. With M_l = I + W diag(c_l) W
 following linear map y = a Wt^T + beta:   Wt' = Wt M_l,  beta' = beta + Wt b_l.
 reparameterize(model) does this for every adapter and removes them: zero inference cost.
 
-On a model you already have (timm, torchvision or Hugging Face ViTs and Swins, vit.py, swin.py):
+On a model you already have (timm and torchvision ViTs and Swins, Hugging Face ViTs, vit.py, swin.py):
 
     arc.add_adapters(model)                  # rank 50, both positions, adapter dropout 0.1
     arc.mark_trainable(model)                # W, every c_l and b_l, and the head; the rest is frozen
@@ -86,9 +86,9 @@ class ARCAdapter(nn.Module):
             # the official FFN side: c_l xavier-uniform, as a (1, r) matrix. With every c_l at zero the gradient
             # of W would be zero too (it is proportional to c_l), so this side's W learns from the first step
             nn.init.xavier_uniform_(self.scale.data.view(1, rank))
-        # Attached by forward hooks (add_adapters, on a block without an adapter slot): how many modules it
-        # feeds by them, their hooks' handles, the output that the others fed the same tokens are waiting for
-        self._hooked, self._handles, self._pending, self._called = 0, [], None, False
+        # Attached by forward hooks (add_adapters, on a block without an adapter slot): the layers it feeds by
+        # them, the hooks' handles, the output that the others fed the same tokens are waiting for
+        self._sites, self._handles, self._pending, self._called = [], [], None, False
 
     @property
     def down_proj(self):
@@ -104,12 +104,15 @@ class ARCAdapter(nn.Module):
         projections) share one computation, hence one dropout mask."""
         self._called = True
         tokens = args[0] if args else next(iter(kwargs.values()))
+        if tokens.dim() == 4 and hasattr(module, "window_size"):
+            _check_windows(module, tokens)
         if self._pending is not None and self._pending[0] is tokens:
             _, adapted, waiting = self._pending
             self._pending = (tokens, adapted, waiting - 1) if waiting > 1 else None
         else:
             adapted = self(tokens)
-            self._pending = (tokens, adapted, self._hooked - 1) if self._hooked > 1 else None
+            waiting = len(self._sites) - 1
+            self._pending = (tokens, adapted, waiting) if waiting else None
         swap = lambda value: adapted if value is tokens else value
         return tuple(map(swap, args)), {key: swap(value) for key, value in kwargs.items()}
 
@@ -117,9 +120,19 @@ class ARCAdapter(nn.Module):
         """Forward hook on the whole model: after its first forward, this adapter must have acted."""
         if not self._called:
             raise RuntimeError(
-                f"an ARC adapter was never called in {type(model).__name__}'s forward: the model uses "
-                f"{', '.join(type(m).__name__ for m in self.feeds)} it feeds without calling it (F.linear on its "
-                f"weight?). Name the module that receives the tokens instead, as 'module:linear' in targets")
+                f"ARC's adapter for {', '.join(self._sites)} was never called in {type(model).__name__}'s forward: "
+                f"those layers were not called, though the model may use their weights with F.linear. Then name the "
+                f"module that receives the tokens and the layer it applies, as 'module:linear', in targets")
+
+
+def _check_windows(attention, tokens):
+    """torchvision's Swin attention pads a (B, H, W, C) map that its windows do not divide, after the hook: the
+    padding, zeros before folding, would be the adapter's bias after it. Refused, rather than fold inexactly."""
+    height, width = tokens.shape[1:3]
+    if height % attention.window_size[0] or width % attention.window_size[1]:
+        raise ValueError(f"a {height}x{width} map does not split into {attention.window_size[0]}x"
+                         f"{attention.window_size[1]} windows: torchvision's Swin would pad it, and the folded model "
+                         f"would differ from the adapted one. Use an image size whose maps the windows divide (224)")
 
 
 def is_arc(module):
@@ -146,7 +159,7 @@ def add_adapters(model, rank=50, method="arc", dropout=0.1, targets=None):
     if not set(METHODS[method]) <= set(targets):
         raise ValueError(f"method {method!r} needs targets for {METHODS[method]}, got {sorted(targets)}")
     modules = dict(model.named_modules())
-    plan = []  # (position, its W's owner and name, width, {block: sites}): all checked before the model changes
+    plan = []  # (position, its W's owner and name, width, a tensor to match, {block: sites}): all checked first
     for position in METHODS[method]:
         by_width = {}
         for block, sites in _blocks(model, modules, targets[position], position).items():
@@ -156,13 +169,16 @@ def add_adapters(model, rank=50, method="arc", dropout=0.1, targets=None):
         for width, blocks in by_width.items():
             name = f"down_proj_{position}" + f"_{width}" * (list(owners.values()).count(owners[width]) > 1)
             _check_free(modules[owners[width]], owners[width], name)
-            plan.append((position, owners[width], name, width, blocks))
-    for position, owner, name, width, blocks in plan:
-        down_proj = SharedProjection(width, rank)
+            # the new tensors go where the layers they feed are, in their dtype
+            like = next((p for sites in blocks.values() for _, layer, _, _ in sites for p in layer.parameters()),
+                        next(model.parameters(), torch.empty(0)))
+            plan.append((position, owners[width], name, width, like, blocks))
+    for position, owner, name, width, like, blocks in plan:
+        down_proj = SharedProjection(width, rank).to(like.device, like.dtype)
         modules[owner].add_module(name, down_proj)
         for block, sites in blocks.items():
             _attach(model, modules[block], position, down_proj, sites, dropout)
-    return model.train(model.training)  # the new modules take the model's mode (their dropout: off in eval)
+    return model
 
 
 def recognise(model):
@@ -221,6 +237,9 @@ def _check_foldable(name, layer, parent):
     if not isinstance(layer, (nn.Linear, nn.MultiheadAttention)):
         raise ValueError(f"{name} is a {type(layer).__name__}: ARC adapters feed, and fold into, nn.Linear or "
                          f"nn.MultiheadAttention layers; name those in targets")
+    if getattr(parent, "logit_scale", None) is not None:
+        raise ValueError(f"{name}: its attention is cosine attention with a learned logit scale (torchvision's Swin "
+                         f"V2), which zeroes k's bias and normalises q and k: ARC's bias would not fold. Not supported")
     weight, bias = _weight_and_bias(layer)
     if weight is None:
         raise ValueError(f"{name} keeps q, k and v in separate weights (kdim or vdim set): not supported")
@@ -276,17 +295,19 @@ def _check_block(block, block_name, position, sites):
 
 
 def _attach(model, block, position, down_proj, sites, dropout):
-    """One adapter for `block`: into its adapter_<position> slot, or hooked onto the modules it feeds."""
+    """One adapter for `block`: into its adapter_<position> slot, or hooked onto the modules it feeds. It takes
+    W's device and dtype, and the model's mode (its dropout off in eval)."""
     layers = [layer for _, layer, _, _ in sites]
-    if isinstance(getattr(block, f"adapter_{position}", None), nn.Identity):
-        # the block's forward calls it; it may feed a norm there (swin.py's residual option): not foldable
-        foldable = all(isinstance(layer, (nn.Linear, nn.MultiheadAttention)) for layer in layers)
-        setattr(block, f"adapter_{position}", ARCAdapter(down_proj, layers if foldable else None, dropout,
-                                                         identity_init=position == "att"))
+    slot = isinstance(getattr(block, f"adapter_{position}", None), nn.Identity)
+    # in a slot, the block's forward calls it; it may feed a norm there (swin.py's residual option): not foldable
+    foldable = not slot or all(isinstance(layer, (nn.Linear, nn.MultiheadAttention)) for layer in layers)
+    adapter = ARCAdapter(down_proj, layers if foldable else None, dropout, identity_init=position == "att")
+    adapter.to(down_proj.weight.device, down_proj.weight.dtype).train(model.training)
+    if slot:
+        setattr(block, f"adapter_{position}", adapter)
         return
-    adapter = ARCAdapter(down_proj, layers, dropout, identity_init=position == "att")
     block.add_module(f"adapter_{position}", adapter)
-    adapter._hooked = len(sites)
+    adapter._sites = [layer_name for _, _, layer_name, _ in sites]
     adapter._handles = [hooked.register_forward_pre_hook(adapter._adapt_input, with_kwargs=True)
                         for hooked, _, _, _ in sites] + [model.register_forward_hook(adapter._check_called)]
 

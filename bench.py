@@ -211,7 +211,7 @@ def tests_section(args, device):
     """The CUDA tests in another process; each one's result from pytest's junit xml, and a failure's message tail."""
     with tempfile.TemporaryDirectory() as scratch:
         junit = os.path.join(scratch, "junit.xml")
-        command = [sys.executable, "-m", "pytest", "-rs", "-q", "-k", "cuda", "test_arc.py", f"--junitxml={junit}"]
+        command = [sys.executable, "-m", "pytest", "-rs", "-q", "-k", "test_cuda_", "test_arc.py", f"--junitxml={junit}"]
         status, output = run_command(command, TESTS_TIMEOUT_S)
         cases = list(ElementTree.parse(junit).getroot().iter("testcase")) if os.path.exists(junit) else []
     rows, failures = [], []

@@ -79,9 +79,7 @@ class Task(NamedTuple):
     classes: list  # class names, label i being classes[i] (the label itself where a list gives no names)
     description: str  # one line for the log: what was loaded from where, how many images
 
-    @property
-    def num_classes(self):
-        return len(self.classes)
+    num_classes = property(lambda self: len(self.classes))
 
 
 class Preloaded(Dataset):
@@ -141,9 +139,10 @@ class Resized(Dataset):
 
 
 def fits_on_device(nbytes, device):
-    """Whether a split of `nbytes` may live on `device` whole. On a GPU: at most half of its free memory, the
-    rest being the model's, its activations' and the next split's; CPU memory is where the split is anyway."""
-    return device.type != "cuda" or nbytes <= torch.cuda.mem_get_info(device)[0] // 2
+    """Whether a split of `nbytes` may live on `device` whole: on a GPU, in at most half of its free memory (the
+    driver's, and what torch caches unused), the rest being for the model, its activations and the next split."""
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    return device.type != "cuda" or nbytes <= (torch.cuda.mem_get_info(device)[0] + cached) // 2
 
 
 class Loader:

@@ -106,17 +106,17 @@ def run_suite(given, out, ctx, resume, run_task):
     suite skips finished tasks and continues the others; options given then apply to this invocation
     (suite.json keeps the ones the suite started with)."""
     results = {}
-    for folder, options, resume_from in plan_suite(given, out, ctx, resume, os.path.abspath(DEFAULTS["data_dir"])):
+    suite, plan = plan_suite(given, out, ctx, resume, os.path.abspath(DEFAULTS["data_dir"]))
+    for folder, options, resume_from in plan:
         results[os.path.basename(folder)] = run_task(options, folder, ctx, resume_from)
         if ctx.rank == 0:
-            options = {**DEFAULTS, **options}
-            write_results(out, results, options["model"], options["method"])
+            write_results(out, results, suite["model"], suite["method"])
     return results
 
 
 def plan_suite(given, out, ctx, resume, default_data_dir):
-    """[(folder, options, the folder to resume or None)] of each task of a suite started or resumed in `out`,
-    once its data and folder are checked. suite.json keeps the options the suite started with; a started task
+    """The suite's settings, and [(folder, options, the folder to resume or None)] of each of its tasks, once
+    their data and the folder are checked. suite.json keeps the options the suite started with; a started task
     keeps its own."""
     suite_file = os.path.join(out, "suite.json")
     stored = read_suite(suite_file, out) if resume else {}
@@ -130,7 +130,8 @@ def plan_suite(given, out, ctx, resume, default_data_dir):
         started = os.path.exists(os.path.join(folder, "checkpoint.pth"))
         plan[task] = (folder, {**({"data_dir": options["data_dir"], **given} if started else options), "data": task},
                       folder if started else None)
-    missing = {task: data.missing(task, options["data_dir"]) for task in tasks if not finished(plan[task][0])}
+    missing = {task: data.missing(task, options["data_dir"]) for task in tasks  # a finished task needs none
+               if not finished(plan[task][0], plan[task][1].get("epochs"))}
     if any(missing.values()):
         raise UserError(f"no data for {sum(map(bool, missing.values()))} of the {len(tasks)} tasks: " + ", ".join(
             f"{task} ({absent} is missing)" for task, absent in missing.items() if absent) + ". Put it there, or run "
@@ -141,7 +142,7 @@ def plan_suite(given, out, ctx, resume, default_data_dir):
     if ctx.rank == 0 and not resume:
         os.makedirs(out, exist_ok=True)
         save_atomic(json.dumps(options, indent=1), suite_file)
-    return list(plan.values())
+    return {**DEFAULTS, **options}, list(plan.values())
 
 
 def read_suite(path, out):

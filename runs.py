@@ -14,6 +14,7 @@ prints it as one line, without a traceback.
 """
 import datetime
 import inspect
+import itertools
 import json
 import os
 import shlex
@@ -98,6 +99,28 @@ def node_first(ctx, fn, *args):
     return result if first else fn(*args)
 
 
+_shared = itertools.count()  # the machine's processes make the same calls in the same order: the same numbers
+
+
+def node_once(ctx, fn, *args):
+    """fn(*args) computed once a machine, by its first process (a dataset decoded, say), which saves it in the
+    temporary folder for the others to read, memory-mapped: they share one copy in the page cache."""
+    if ctx.control is None:
+        return fn(*args)
+    path = os.path.join(tempfile.gettempdir(), f"arc-{os.getppid()}-{next(_shared)}.pt")  # parent: torchrun's agent
+    first = os.environ.get("LOCAL_RANK", "0") == "0"
+    if first:
+        result = fn(*args)
+        save_atomic(result, path)
+    dist.barrier(group=ctx.control)
+    if not first:
+        result = torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # written by this run just now
+    dist.barrier(group=ctx.control)
+    if first:
+        os.remove(path)  # the others' mappings outlive the name
+    return result
+
+
 # Buffers (Swin's masks) are rebuilt alike by every process, so DDP need not sync them at each forward.
 # torch 2.13 renamed the option.
 NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
@@ -168,9 +191,12 @@ class StopFlag:
 
 
 class Interrupted(Exception):
-    def __init__(self, signum, epochs_done):
-        super().__init__(f"stopped by {signal.Signals(signum).name} after {epochs_done} epoch(s)")
-        self.exit_code, self.epochs_done = 128 + signum, epochs_done
+    """A stop asked for by a signal, after `epochs_done` epochs, of which checkpoint.pth holds `epochs_saved`."""
+
+    def __init__(self, signum, epochs_done, epochs_saved):
+        lost = f" ({epochs_done - epochs_saved} since the last checkpoint will run again)" * (epochs_saved < epochs_done)
+        super().__init__(f"stopped by {signal.Signals(signum).name} after {epochs_done} epoch(s){lost}")
+        self.exit_code, self.epochs_saved = 128 + signum, epochs_saved
 
 
 def continue_with(saved, out, ctx):
@@ -179,7 +205,7 @@ def continue_with(saved, out, ctx):
     launcher = f"torchrun --nproc_per_node={ctx.world}" if ctx.world > 1 else "python"
     if not saved:
         return f"No epoch had finished, so nothing is saved. Start again with:\n  {launcher} {shlex.join(argv)}"
-    return (f"What had finished is saved in {out} (an epoch in progress starts again). Continue with:\n  "
+    return (f"What was saved is in {out} (an epoch in progress starts again). Continue with:\n  "
             f"{launcher} {shlex.join(argv + ['--resume', out])}")
 
 
@@ -346,15 +372,15 @@ def read_checkpoint(path, world):
     return checkpoint
 
 
-def finished(out, epochs=None, epochs_done=None, folded=True):
-    """The record of the run in `out` (its adapters.pth config, written last) when it has finished: its `epochs`
-    all done (when given), and folded.pth written where it folds; else None."""
+def finished(out, epochs=None):
+    """The record of the run in `out` (its adapters.pth config, written last) when it has finished: trained for
+    `epochs` (when given; more would extend it), and its folded.pth written unless it could not fold; else None."""
     if not os.path.exists(os.path.join(out, "adapters.pth")):
         return None
     record = read_saved(os.path.join(out, "adapters.pth"), "--resume", ("config",), "an adapters.pth")["config"]
-    if epochs is not None and not record["epochs"] == epochs == epochs_done:
+    if epochs is not None and record["epochs"] != epochs:
         return None
-    return record if not folded or os.path.exists(os.path.join(out, "folded.pth")) else None
+    return record if not record.get("folded", True) or os.path.exists(os.path.join(out, "folded.pth")) else None
 
 
 # Options that say where a run's files are now, or how often to test, may differ on --resume; --epochs may grow.
@@ -384,6 +410,8 @@ def check_classes(classes, task, source):
 # ---------------------------------------------------------------------------------------------------
 # Weights files
 
+URLS = {**vit.URLS, **swin.URLS}  # the published checkpoint of each model, which --weights auto downloads
+
 
 def weights_file(weights, model_name, log):
     """The file --weights names (None for 'none'); 'auto': the published checkpoint the official runs started
@@ -394,11 +422,11 @@ def weights_file(weights, model_name, log):
         if not os.path.isfile(weights):
             raise UserError(f"--weights {weights}: {'a folder, not a file' if os.path.isdir(weights) else 'no such file'}")
         return weights
-    url = {**vit.URLS, **swin.URLS}[model_name]
+    url = URLS[model_name]
     if not os.path.exists(vit.cached_file(url)):
         log(f"downloading {url}\n         to {vit.cached_file(url)}")
     try:
-        return vit.download(url)
+        return vit.download(url, progress=True)
     except vit.CheckpointError as e:
         raise UserError(f"--weights auto: {e}, or pass --weights PATH") from None
 
@@ -421,7 +449,7 @@ def check_weights(given, saved, what, needed=True):
     if needed and "weights" not in given and weights not in ("auto", "none") and not os.path.isfile(weights):
         raise UserError(f"{what} was trained from --weights {weights}, which is not there now: pass --weights with "
                         f"where it is")
-    path = vit.cached_file({**vit.URLS, **swin.URLS}[saved["model"]]) if weights == "auto" else weights
+    path = vit.cached_file(URLS[saved["model"]]) if weights == "auto" else weights
     size = 0 if weights == "none" else os.path.getsize(path) if os.path.isfile(path) else None
     if weights in ("auto", "none") and weights == saved["weights"] or size is None and weights not in ("auto", "none"):
         return  # the run's own choice; or a path that is not there, which weights_file reports when it is needed

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from arc import add_adapters
-from vit import CheckpointError, download, load_backbone, read_state_dict
+from vit import load_backbone, published, read_state_dict
 
 CONFIGS = {  # name -> width of the first stage, blocks per stage, heads per stage
     "swin_t": (96, (2, 2, 6, 2), (3, 6, 12, 24)), "swin_s": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
@@ -220,6 +220,8 @@ class SwinTransformer(nn.Module):
         if ffn_adapter not in TARGETS:
             raise ValueError(f"ffn_adapter must be 'norm2' (foldable) or 'residual' (the official ARC Swin's), "
                              f"not {ffn_adapter!r}")
+        if ffn_adapter == "residual" and not arc:  # else arc.add_adapters would later feed its adapter to fc1
+            raise ValueError("ffn_adapter='residual' places ARC's FFN adapter: build the model with arc='arc'")
         self.config = (dim, tuple(depths), tuple(heads))
         if not 0 <= drop_path < 1:
             raise ValueError(f"drop_path must be in [0, 1), not {drop_path}")
@@ -265,11 +267,7 @@ def swin_l(**kw): return SwinTransformer(*CONFIGS["swin_l"], **kw)
 def load_pretrained(model, path):
     """Load a Microsoft Swin .pth or a timm (>= 0.9) Swin state dict into `model` (ARC or plain). "auto": the
     published checkpoint of the model's size (URLS), downloaded once."""
-    if path == "auto":
-        name = next((name for name, config in CONFIGS.items() if config == model.config), None)
-        if name is None:
-            raise CheckpointError(f"no published weights for a Swin of (width, depths, heads) {model.config}")
-        path = download(URLS[name])
+    path = published(model, CONFIGS, URLS) if path == "auto" else path
     sd = read_state_dict(path)
     # Microsoft merges patches at the end of a stage, so its stage 0 always has a downsample; timm
     # merges at the start of the next one, so its stage 0 never does (timm's own test). The head

@@ -792,6 +792,27 @@ def test_an_unrecognised_model_or_wrong_targets_get_one_clear_error():
     assert arc.mark_trainable(backbone, head=None) == 2 * (32 * ARC_RANK + 3 * (ARC_RANK + 32))
 
 
+def test_add_adapters_makes_its_tensors_like_the_model_s_and_leaves_the_backbone_s_modes_alone():
+    model = TimmStyleViT().to(torch.float64).eval()
+    model.blocks[0].mlp.drop1.train()  # a mode the user set on one backbone module
+    arc.add_adapters(model, rank=ARC_RANK)
+    assert {p.dtype for name, p in model.named_parameters()} == {torch.float64}
+    assert model.blocks[0].mlp.drop1.training and not model.blocks[0].adapter_att.training  # the model's mode: eval
+    assert model(torch.randn(2, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_torchvision_swins_that_could_not_fold_exactly_are_refused():
+    from torchvision.models import swin_transformer as tv
+    v2 = tv.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[1, 2], window_size=[4, 4],
+                            block=tv.SwinTransformerBlockV2, downsample_layer=tv.PatchMergingV2)
+    with pytest.raises(ValueError, match="features.1.0.attn.qkv: its attention is cosine attention.*Swin V2"):
+        arc.add_adapters(v2)
+    v1 = arc.add_adapters(_torchvision_swin(), rank=ARC_RANK).eval()
+    assert v1(torch.randn(1, 3, 32, 32)).shape == (1, 5)  # 8x8 and 4x4 maps: the 4x4 windows divide them
+    with pytest.raises(ValueError, match="a 10x10 map does not split into 4x4 windows: torchvision's Swin would pad"):
+        v1(torch.randn(1, 3, 40, 40))  # padded after the adapter: its bias would reach the padding once folded
+
+
 # ---------------------------------------------------------------------------------------------------
 # The models and their weight loaders (vit.py, swin.py): Google's, timm's and Microsoft's layouts, Swin's semantics
 
@@ -1173,6 +1194,12 @@ def test_swin_logits_match_timm_on_the_same_weights(tmp_path):
     assert torch.allclose(logits, torch.tensor(TIMM_SWIN_LOGITS), atol=1e-5, rtol=0)
 
 
+def test_a_plain_swin_cannot_take_the_residual_placement():
+    # add_adapters on it later would feed the slot's adapter to fc1, though the block applies it to the residual stream
+    with pytest.raises(ValueError, match="ffn_adapter='residual' places ARC's FFN adapter: build the model with arc="):
+        swin_tiny(ffn_adapter="residual")
+
+
 def test_swin_with_the_residual_ffn_adapter_gives_the_official_arc_swin_logits():
     model = swin_tiny(arc="arc", rank=4, ffn_adapter="residual").eval()
     model.load_state_dict({**swin_reference_weights(), **swin_reference_arc_tensors()}, strict=True)
@@ -1398,7 +1425,7 @@ def test_data_fgvc_crops_depend_on_the_seed_and_the_image_alone(tmp_path):
     assert any(not torch.equal(first[k], later[k]) for k in range(5))
 
 
-def test_fgvc_augmentation_never_reseeds_the_cuda_generator(tmp_path, monkeypatch):
+def test_fgvc_augmentation_never_reseeds_the_generators_dropout_draws_from(tmp_path, monkeypatch):
     # the crops are drawn in the training process: reseeding CUDA there would reset the dropout stream on
     # a GPU every epoch, and drawing from the global generators would shift it
     fgvc_cars(tmp_path, 8)
@@ -1554,11 +1581,18 @@ def test_decoding_shows_progress_on_a_terminal(tmp_path, monkeypatch, capsys):
     assert lines[0].startswith("decoded 80 train images in") and "images/s" in lines[0] and len(lines) == 2
 
 
+def test_data_a_split_fits_on_the_gpu_in_half_of_what_is_free_and_cached(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (6 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 5 * 2**30)  # 2 GiB of it cached, unused
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3 * 2**30)
+    assert data.fits_on_device(4 * 2**30, torch.device("cuda")) and not data.fits_on_device(4 * 2**30 + 1, torch.device("cuda"))
+
+
 # ---------------------------------------------------------------------------------------------------
 # The step and the loop (train.py): learning runs, device reads, bf16, batch shares, NaN, recipes, the fold check
 
 
-def test_a_synthetic_run_learns_and_folds(synthetic_run, capsys):
+def test_a_synthetic_run_learns_and_folds(synthetic_run):
     history = metrics(synthetic_run)
     assert [m["epoch"] for m in history] == [1, 2]
     assert history[-1]["loss"] < history[0]["loss"] / 3
@@ -1913,6 +1947,12 @@ def test_eval_only_finds_moved_weights_and_data_from_anywhere(weight_files, tmp_
     assert f"test accuracy {accuracy:.2f}%" in capsys.readouterr().out
 
 
+def test_a_stop_says_how_many_epochs_since_the_last_checkpoint_will_run_again():
+    assert str(runs.Interrupted(signal.SIGINT, 5, 5)) == "stopped by SIGINT after 5 epoch(s)"
+    assert str(runs.Interrupted(signal.SIGTERM, 7, 4)) == ("stopped by SIGTERM after 7 epoch(s) (3 since the last "
+                                                            "checkpoint will run again)")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Several processes: torchrun on the CPU trains what one process trains
 
@@ -2061,7 +2101,7 @@ def test_a_suite_with_missing_data_stops_before_training_with_one_line(tmp_path,
     assert not out.exists()
 
 
-def test_a_folder_in_a_task_list_keeps_the_runs_files_out_of_it(tmp_path, capsys):
+def test_a_folder_in_a_task_list_keeps_the_runs_files_out_of_it(tmp_path):
     images, out = write_image_folder(tmp_path / "my_images"), tmp_path / "suite"
     assert run_train("--data", f"{images},synthetic", *SUITE, "--out", out) == 0
     assert sorted(os.listdir(images)) == ["test", "train"]  # nothing written among the user's images
@@ -2073,6 +2113,25 @@ def test_a_suite_json_in_the_current_folder_is_not_mistaken_for_a_suite(tmp_path
     (tmp_path / "suite.json").write_text("{}")
     monkeypatch.chdir(tmp_path)
     assert run_train(*TINY_RUN, "--epochs", "1", "--warmup-epochs", "0", "--out", tmp_path / "run") == 0
+
+
+def test_a_suite_of_unfoldable_runs_resumes_finished_and_keeps_its_model_in_the_table(tmp_path, monkeypatch, capsys):
+    # the official Swin placement writes no folded.pth: its finished tasks must not ask for their data again, and the
+    # table names the suite's model and method, also after a resume that repeats none of them
+    monkeypatch.setitem(train.MODELS, "swin_t", lambda **kw: swin.SwinTransformer(16, (2, 2), (1, 2), window=4, **kw))
+    images, out = write_image_folder(tmp_path / "pets"), tmp_path / "suite"
+    args = ["--data", f"synthetic,{images}", "--model", "swin_t", "--swin-ffn-adapter", "residual", "--weights", "none",
+            "--img-size", "32", "--epochs", "1", "--warmup-epochs", "0", "--workers", "0", "--out", out]
+    assert run_train(*args) == 0 and not (out / "pets" / "folded.pth").exists()
+    shutil.rmtree(images)  # its data gone: a finished task needs none
+    assert run_train("--resume", out, "--workers", "0") == 0
+    assert capsys.readouterr().out.count("has finished its 1 epochs") == 2
+    assert (out / "results.md").read_text().startswith("# ARC: swin_t, arc\n")
+    before = file_hashes(out / "synthetic")
+    # extending the suite trains every task again: one line about the missing data first, and nothing trained
+    fails_with_one_line(["--resume", out, "--epochs", "2", "--workers", "0"], capsys, "no data for 1 of the 2 tasks",
+                        "pets")
+    assert file_hashes(out / "synthetic") == before
 
 
 def test_results_give_the_paper_s_group_means_and_overall_mean(tmp_path):
@@ -2310,6 +2369,12 @@ def test_resume_from_a_folder_without_a_run(tmp_path, capsys):
 
 def test_a_mistyped_resume_folder_is_named(tmp_path, capsys):
     fails_with_one_line(["--resume", tmp_path / "runz"], capsys, f"--resume {tmp_path / 'runz'}: no such folder")
+
+
+def test_folders_in_a_task_list_are_made_absolute_one_by_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args, given = train.parse_args(["--data", "dtd,./pets,synthetic"])
+    assert given["data"] == f"dtd,{tmp_path / 'pets'},synthetic"
 
 
 def test_resume_and_option_mistakes_get_one_clear_line(synthetic_run, tmp_path, monkeypatch, capsys):
@@ -2790,3 +2855,17 @@ def test_cuda_a_split_kept_in_host_memory_gives_the_device_path_s_batches_bitwis
         for (images, labels), (host_images, host_labels) in zip(expected, got):
             assert host_images.device.type == host_labels.device.type == "cuda"
             assert torch.equal(images.cpu(), host_images.cpu()) and torch.equal(labels.cpu(), host_labels.cpu())
+
+
+@cuda
+def test_cuda_add_adapters_on_a_model_already_on_the_gpu():
+    """add_adapters on a model already on the GPU: the adapters are made there too (else the first forward fails on
+    a device mismatch), and they fold there. Tolerance: 1e-4 of the largest logit, float32 (TF32 convolutions)."""
+    model = TimmStyleViT().cuda().eval()
+    arc.add_adapters(model, rank=ARC_RANK)
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    randomize_arc(model.cpu()).cuda()
+    images = torch.randn(2, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        adapted = model(images)
+        assert (arc.reparameterize(model)(images) - adapted).abs().max() <= 1e-4 * adapted.abs().max()

@@ -87,11 +87,12 @@ def parse_args(argv=None):
     add("--checkpoint", "for --eval-only")
     args = p.parse_args(argv)
     check_options(args, p.error)
-    for key in ("data_dir", "weights", "data"):  # paths made absolute; names (auto, none, dtd, vtab-1k) kept
-        value = getattr(args, key)
-        if value and (key == "data_dir" or key == "weights" and value not in ("auto", "none")
-                      or key == "data" and data.is_path(value)):
-            setattr(args, key, os.path.abspath(value))
+    if args.data_dir:
+        args.data_dir = os.path.abspath(args.data_dir)
+    if args.weights not in (None, "auto", "none"):
+        args.weights = os.path.abspath(args.weights)
+    if args.data:  # the folders of a task list too, one by one; names (dtd, vtab-1k) stay names
+        args.data = ",".join(os.path.abspath(name) if data.is_path(name) else name for name in args.data.split(","))
     return args, {key: getattr(args, key) for key in paper.DEFAULTS if getattr(args, key) is not None}
 
 
@@ -124,12 +125,12 @@ def check_options(args, error):
 
 
 def build_model(cfg, num_classes):
+    adapters = cfg.method if cfg.method in ("arc", "arc_att") else None
     family = dict(dropout=cfg.vit_dropout) if cfg.model.startswith("vit") else dict(
-        drop_path=cfg.drop_path, ffn_adapter=cfg.swin_ffn_adapter)
+        drop_path=cfg.drop_path, ffn_adapter=cfg.swin_ffn_adapter if adapters else "norm2")
     try:
         return MODELS[cfg.model](num_classes=num_classes, img_size=cfg.img_size, rank=cfg.rank, **family,
-                                 arc=cfg.method if cfg.method in ("arc", "arc_att") else None,
-                                 adapter_dropout=cfg.adapter_dropout)
+                                 arc=adapters, adapter_dropout=cfg.adapter_dropout)
     except ValueError as e:
         raise UserError(f"--img-size {cfg.img_size} does not suit --model {cfg.model}: {e}") from None
 
@@ -245,7 +246,7 @@ def run_task(given, out, ctx, resume=None):
     if checkpoint:  # a run from before an option existed had its default
         checkpoint["config"] = {**paper.DEFAULTS, **checkpoint["config"]}
     cfg, sources, recipe_name = paper.settings(given, checkpoint and checkpoint["config"])
-    done = checkpoint and runs.finished(out, cfg.epochs, len(checkpoint["history"]), folded=folds(cfg))
+    done = checkpoint and runs.finished(out, cfg.epochs)
     if checkpoint:
         runs.check_resume(given, checkpoint["config"], len(checkpoint["history"]), out)
         runs.check_weights(given, checkpoint["config"], f"--resume {out}", needed=not done)
@@ -261,13 +262,13 @@ def run_task(given, out, ctx, resume=None):
     runs.check_data(cfg.data, cfg.data_dir)
     weights_path = runs.node_first(ctx, runs.weights_file, cfg.weights, cfg.model, ctx.log)  # before the decoding
     cfg.weights_bytes = os.path.getsize(weights_path) if weights_path else 0  # its identity on --resume, --eval-only
-    task = runs.node_first(ctx, data.build, cfg.data, cfg.data_dir, cfg.img_size, ctx.workers, ctx.log)
+    task = runs.node_once(ctx, data.build, cfg.data, cfg.data_dir, cfg.img_size, ctx.workers, ctx.log)
     cfg.classes = task.classes
     if checkpoint:
         runs.check_classes(checkpoint["config"]["classes"], task, f"--resume {out}: the run")
     model = prepare_model(cfg, task.num_classes, weights_path, ctx.log).to(ctx.device)
     if ctx.rank:  # dropout and drop-path: each process draws its own masks, the first the one-process stream
-        torch.manual_seed(cfg.seed * 1000 + ctx.rank)
+        torch.manual_seed(cfg.seed + 1_000_000 * ctx.rank)  # a seed that no data order or crop stream uses
     params = [p for p in model.parameters() if p.requires_grad]
     ctx.log(f"{task.description}\n{cfg.model} {cfg.method}: {sum(p.numel() for p in params):,} trainable parameters; "
             f"{ctx.world} process(es) on {ctx.device}{', bf16 autocast' if ctx.device.type == 'cuda' else ''}; "
@@ -302,7 +303,7 @@ def train(run, task):
                 losses[step] = train_step(net, optimizer, params, images, labels, loss_weights[step])
                 pace.step()
                 if stop.is_set(ctx.control):
-                    raise runs.Interrupted(stop.signum, checkpoints.epochs_saved)
+                    raise runs.Interrupted(stop.signum, epoch, checkpoints.epochs_saved)
             if ctx.world > 1:
                 dist.all_reduce(losses)  # world times the batch means: see shares
             step_losses = (losses / ctx.world).tolist()  # the epoch's one host sync: the GPU's work is done, timed
@@ -322,7 +323,7 @@ def train(run, task):
             checkpoints.after_epoch(stopping)
             log_epoch(ctx, metrics, cfg.epochs)
             if stopping and epoch + 1 < cfg.epochs:
-                raise runs.Interrupted(stop.signum, epoch + 1)
+                raise runs.Interrupted(stop.signum, epoch + 1, checkpoints.epochs_saved)
 
 
 def log_epoch(ctx, metrics, epochs):
@@ -347,7 +348,7 @@ def finish(run, task, setup_seconds):
     elif run.cfg.method in ("arc", "arc_att"):
         run.ctx.log(fold_and_compare(run.model, task.test, run.ctx.device))
     result["seconds"]["finish"] = round(time.time() - started, 1)
-    record = {**vars(run.cfg), "result": result}
+    record = {**vars(run.cfg), "result": result, "folded": folds(run.cfg)}  # runs.finished asks for folded.pth
     adapters, folded = os.path.join(run.out, "adapters.pth"), os.path.join(run.out, "folded.pth")
     if run.ctx.rank == 0:  # folded.pth: the plain architecture, whatever the method (--eval-only reads it so)
         if folds(run.cfg):
@@ -426,7 +427,7 @@ def main(argv=None):
         sys.exit(1)
     except runs.Interrupted as e:
         if ctx.rank == 0:
-            print(f"\n{e}. {runs.continue_with(e.epochs_done or suite, out, ctx)}", file=sys.stderr)
+            print(f"\n{e}. {runs.continue_with(e.epochs_saved or suite, out, ctx)}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:  # before training began, or a second Ctrl-C: checkpoints are written atomically
         print("\nstopped at once; checkpoint.pth, if there is one, holds the last completed epoch", file=sys.stderr)

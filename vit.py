@@ -137,9 +137,10 @@ def cached_file(url):
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
 
 
-def download(url, progress=True):
+def download(url, progress=False):
     """The path of `url`'s file in torch hub's cache, downloaded there the first time (torch writes a
-    temporary file and renames it, so an interrupted download leaves nothing behind)."""
+    temporary file and renames it, so an interrupted download leaves nothing behind). `progress`: torch's
+    progress bar on stderr."""
     path = cached_file(url)
     if os.path.exists(path):
         return path
@@ -155,6 +156,14 @@ def download(url, progress=True):
         raise CheckpointError(f"could not download {url} ({type(e).__name__}: {e}). Looked for {path}: download "
                               f"it by hand and put it there") from None
     return path
+
+
+def published(model, configs, urls):
+    """The published checkpoint of `model`'s size (the name of its .config in `configs`), downloaded once."""
+    name = next((name for name, config in configs.items() if config == model.config), None)
+    if name is None:
+        raise CheckpointError(f"no published weights for a {type(model).__name__} of configuration {model.config}")
+    return download(urls[name])
 
 
 def read_state_dict(path):
@@ -209,7 +218,8 @@ def describe_file(path):
 def load_backbone(model, state_dict, source, head="head"):
     """Load pretrained weights into every tensor of `model` but ARC's: all must be present with the right
     shapes. The head is loaded only when its shape fits; else it stays as initialised, with a warning."""
-    own = {k: v for k, v in model.state_dict().items() if k not in arc_state_dict(model, head=None)}
+    adapters = arc_state_dict(model, head=None)
+    own = {k: v for k, v in model.state_dict().items() if k not in adapters}
     is_head = lambda k: k.startswith(f"{head}.")
     missing = [k for k in own if k not in state_dict and not is_head(k)]
     unexpected = [k for k in state_dict if k not in own and not is_head(k)]
@@ -293,11 +303,7 @@ def load_pretrained(model, path):
     """Load a Google .npz or a timm-style ViT state dict into `model` (ARC or plain), resizing position
     embeddings when the image size differs from the checkpoint's. "auto": the published checkpoint of the
     model's size (URLS), downloaded once."""
-    if path == "auto":
-        name = next((name for name, config in CONFIGS.items() if config == model.config), None)
-        if name is None:
-            raise CheckpointError(f"no published weights for a ViT of (patch, width, depth, heads, MLP) {model.config}")
-        path = download(URLS[name])
+    path = published(model, CONFIGS, URLS) if path == "auto" else path
     sd = read_checkpoint(path)
     pos = sd.get("pos_embed")
     if pos is not None and pos.shape[-1] == model.pos_embed.shape[-1] and pos.shape != model.pos_embed.shape:
