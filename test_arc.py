@@ -138,7 +138,9 @@ def weight_files(tmp_path_factory):
                                 (vit.load_pretrained, vit.vit_s16(), "vit_s16.pth"),
                                 (vit.load_pretrained, vit.vit_s16(), "vit_s16.npz"),
                                 (swin.load_pretrained, swin.swin_t(img_size=224), "swin_t.pth")):
-        loader(model, paths[name])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the 21843-class heads are left out, the grid resized: notes, not faults
+            loader(model, paths[name])
     paths["truncated.pth"] = write_first_part(paths["vit_t16.pth"], folder / "truncated.pth")
     paths["truncated.npz"] = write_first_part(paths["vit_t16.npz"], folder / "truncated.npz")
     paths["header_only.npz"] = write_first_part(paths["vit_t16.npz"], folder / "header_only.npz", 0.001)
@@ -1237,7 +1239,9 @@ def test_swin_loads_microsoft_and_timm_layouts(tmp_path):
     torch.manual_seed(0)
     initialised = swin_tiny(num_classes=7).head.weight
     torch.manual_seed(0)
-    model = swin.load_pretrained(swin_tiny(num_classes=7), tmp_path / "microsoft.pth")
+    with pytest.warns(UserWarning, match=r"head not loaded from .*microsoft\.pth \(file \[\(5, 64\), \(5,\)\], model "
+                                         r"\[\(7, 64\), \(7,\)\]\)"):
+        model = swin.load_pretrained(swin_tiny(num_classes=7), tmp_path / "microsoft.pth")
     assert torch.equal(model.head.weight, initialised) and torch.equal(model.norm.weight, sd["norm.weight"])
 
 
