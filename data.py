@@ -183,7 +183,7 @@ def normalize(images):
     return (images.float() - mean) / std
 
 
-def build(name, data_dir="./data", img_size=224, workers=4, log=print):
+def build(name, data_dir="./data", img_size=224, workers=min(4, os.cpu_count() or 1), log=print):
     """The Task called `name` (see the module docstring); raises DataError when it cannot be loaded.
     `log` receives a line per decoded split (None: silent)."""
     kind = _kind(name, data_dir)
