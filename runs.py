@@ -47,13 +47,6 @@ def fmt_time(seconds):
     return time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 
-def check_data(name, data_dir):
-    """Whether the data is there is cheap to learn: before anything is downloaded or decoded."""
-    absent = data.missing(name, data_dir)
-    if absent:
-        raise UserError(f"no {name} data: {absent} is missing (see --data-dir)")
-
-
 # ---------------------------------------------------------------------------------------------------
 # Processes
 
@@ -89,32 +82,22 @@ def setup_distributed(device_name, workers):
     return ctx
 
 
-def node_first(ctx, fn, *args):
-    """fn(*args) on each machine's first process, then on its others: a download into a shared folder
-    happens once, and the others find it done."""
-    first = os.environ.get("LOCAL_RANK", "0") == "0"
-    result = fn(*args) if first else None
-    if ctx.control is not None:
-        dist.barrier(group=ctx.control)
-    return result if first else fn(*args)
-
-
 _shared = itertools.count()  # the machine's processes make the same calls in the same order: the same numbers
 
 
 def node_once(ctx, fn, *args):
-    """fn(*args) computed once a machine, by its first process (a dataset decoded, say), which saves it in the
-    temporary folder for the others to read, memory-mapped: they share one copy in the page cache."""
+    """fn(*args) computed once a machine, by its first process (a download, a dataset decoded), which saves the
+    result in the temporary folder for the others to read, memory-mapped: they share one copy in the page cache."""
     if ctx.control is None:
         return fn(*args)
     path = os.path.join(tempfile.gettempdir(), f"arc-{os.getppid()}-{next(_shared)}.pt")  # parent: torchrun's agent
     first = os.environ.get("LOCAL_RANK", "0") == "0"
     if first:
         result = fn(*args)
-        save_atomic(result, path)
+        save_atomic((result,), path)
     dist.barrier(group=ctx.control)
     if not first:
-        result = torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # written by this run just now
+        result, = torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # written by this run just now
     dist.barrier(group=ctx.control)
     if first:
         os.remove(path)  # the others' mappings outlive the name

@@ -1514,7 +1514,7 @@ def test_data_missing_names_the_missing_file_of_every_layout(tmp_path):
         assert data.missing(name, str(tmp_path)) == str(absent)
         assert str(absent) in build_error("not found|is missing", name, data_dir=str(tmp_path))
         with pytest.raises(runs.UserError) as info:
-            runs.check_data(name, str(tmp_path))
+            train.check_data(name, str(tmp_path))
         assert str(info.value) == f"no {name} data: {absent} is missing (see --data-dir)"
     (pets / "val").mkdir()  # val/ stands for test/ when test/ is absent
     assert data.missing(str(pets), str(tmp_path)) is None

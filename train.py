@@ -120,6 +120,13 @@ def check_options(args, error):
         error(f"--resume {args.resume} and --out {args.out} name different runs: give one of them")
 
 
+def check_data(name, data_dir):
+    """Whether the data is there is cheap to learn: before anything is downloaded or decoded."""
+    absent = data.missing(name, data_dir)
+    if absent:
+        raise UserError(f"no {name} data: {absent} is missing (see --data-dir)")
+
+
 # ---------------------------------------------------------------------------------------------------
 # The model: built, loaded, frozen but for what the method trains
 
@@ -259,8 +266,8 @@ def run_task(given, out, ctx, resume=None):
     if done:
         ctx.log(f"{out} has finished its {cfg.epochs} epochs (--resume with more --epochs trains it for longer)")
         return done["result"]
-    runs.check_data(cfg.data, cfg.data_dir)
-    weights_path = runs.node_first(ctx, runs.weights_file, cfg.weights, cfg.model, ctx.log)  # before the decoding
+    check_data(cfg.data, cfg.data_dir)
+    weights_path = runs.node_once(ctx, runs.weights_file, cfg.weights, cfg.model, ctx.log)  # before the decoding
     cfg.weights_bytes = os.path.getsize(weights_path) if weights_path else 0  # its identity on --resume, --eval-only
     task = runs.node_once(ctx, data.build, cfg.data, cfg.data_dir, cfg.img_size, ctx.workers, ctx.log)
     cfg.classes = task.classes
@@ -385,7 +392,7 @@ def eval_only(args, given, ctx):
     cfg = SimpleNamespace(**{**paper.DEFAULTS, **saved["config"], **{k: v for k, v in given.items() if k in ("data_dir",
                                                                                                       "weights")}})
     cfg.data = given["data"] if "data" in given and data.is_path(cfg.data) else cfg.data
-    runs.check_data(cfg.data, cfg.data_dir)
+    check_data(cfg.data, cfg.data_dir)
     if cfg.method == "folded":
         model = build_model(SimpleNamespace(**{**vars(cfg), "method": "full"}), len(cfg.classes))
         try:
