@@ -238,8 +238,9 @@ def _check_foldable(name, layer, parent):
         raise ValueError(f"{name} is a {type(layer).__name__}: ARC adapters feed, and fold into, nn.Linear or "
                          f"nn.MultiheadAttention layers; name those in targets")
     if getattr(parent, "logit_scale", None) is not None:
-        raise ValueError(f"{name}: its attention is cosine attention with a learned logit scale (torchvision's Swin "
-                         f"V2), which zeroes k's bias and normalises q and k: ARC's bias would not fold. Not supported")
+        raise ValueError(f"{name}: its attention is cosine attention with a learned logit scale (a Swin V2's), which "
+                         f"normalises q and k (and in torchvision zeroes k's bias): ARC's bias would not fold. Not "
+                         f"supported")
     weight, bias = _weight_and_bias(layer)
     if weight is None:
         raise ValueError(f"{name} keeps q, k and v in separate weights (kdim or vdim set): not supported")

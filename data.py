@@ -67,6 +67,7 @@ LAYOUTS = {  # kind -> what its files should be, for the message when one is mis
     "folder": "--data needs train/ and test/ (or val/) subfolders with a folder of images per class, as "
               "torchvision's ImageFolder: train/<class>/xxx.jpg"}
 SYNTHETIC_CLASSES, SYNTHETIC_TRAIN, SYNTHETIC_TEST = 10, 50, 20  # images per class
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # ours to use
 
 
 class DataError(Exception):
@@ -183,7 +184,7 @@ def normalize(images):
     return (images.float() - mean) / std
 
 
-def build(name, data_dir="./data", img_size=224, workers=min(4, os.cpu_count() or 1), log=print):
+def build(name, data_dir="./data", img_size=224, workers=min(4, CORES), log=print):
     """The Task called `name` (see the module docstring); raises DataError when it cannot be loaded.
     `log` receives a line per decoded split (None: silent)."""
     kind = _kind(name, data_dir)
@@ -228,8 +229,8 @@ def _required_files(kind, name, data_dir):
 
 
 def is_path(name):
-    """Whether --data names a folder rather than a dataset."""
-    return os.sep in name or "/" in name or os.path.isdir(name)
+    """Whether --data names a folder rather than a dataset: a dataset's name is a folder only written as a path."""
+    return os.sep in name or "/" in name or os.path.isdir(name) and name not in ("synthetic", *VTAB_TASKS, *FGVC_TASKS)
 
 
 def _kind(name, data_dir):

@@ -1,12 +1,11 @@
-"""A run's life around its training loop: the processes it runs in, stop requests, its folder and files,
-checkpoints with the random states, resuming, its weights file, and the line that says how long it will take.
-What a training step computes, and the loop itself, are train.py's.
+"""A run's life around its training loop (train.py's, with the step): the processes it runs in, stop requests,
+its folder and files, checkpoints with the random states, resuming, its weights file, the line on its pace.
 
     ctx = setup_distributed("cuda", workers=8)       # one process, or one of torchrun's
     check_out(out, fresh=True)                       # before hours of decoding: can the run be written there?
     run = Run(ctx, cfg, out, model, optimizer, history=[]); restore_checkpoint(run, read_checkpoint(path, ctx.world))
     checkpoints = Checkpoints(run); ... checkpoints.after_epoch(stopping)   # checkpoint.pth and metrics.jsonl
-    with StopFlag() as stop: ... if stop.is_set(ctx.control): raise Interrupted(stop.signum, epochs_saved)
+    with StopFlag() as stop: ... if stop.is_set(ctx.control): raise Interrupted(stop.signum, epoch, epochs_saved)
 
 Every file is written atomically (a temporary file, then a rename), so an interruption or a full disk
 never leaves half a file. A mistake in the command, the data or the files raises UserError: train.py
@@ -14,11 +13,11 @@ prints it as one line, without a traceback.
 """
 import datetime
 import inspect
-import itertools
 import json
 import os
 import shlex
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -82,25 +81,32 @@ def setup_distributed(device_name, workers):
     return ctx
 
 
-_shared = itertools.count()  # the machine's processes make the same calls in the same order: the same numbers
-
-
 def node_once(ctx, fn, *args):
-    """fn(*args) computed once a machine, by its first process (a download, a dataset decoded), which saves the
-    result in the temporary folder for the others to read, memory-mapped: they share one copy in the page cache."""
-    if ctx.control is None:
+    """fn(*args) computed once a machine, by its first process (a download, a dataset decoded), which hands the
+    result to the machine's others through a private file in the temporary folder, which they read memory-mapped:
+    one copy in the page cache. Where the file cannot be written (a small TMPDIR), each computes it itself."""
+    if ctx.control is None or os.environ.get("LOCAL_WORLD_SIZE") == "1":
         return fn(*args)
-    path = os.path.join(tempfile.gettempdir(), f"arc-{os.getppid()}-{next(_shared)}.pt")  # parent: torchrun's agent
-    first = os.environ.get("LOCAL_RANK", "0") == "0"
-    if first:
-        result = fn(*args)
-        save_atomic((result,), path)
-    dist.barrier(group=ctx.control)
-    if not first:
-        result, = torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # written by this run just now
-    dist.barrier(group=ctx.control)
-    if first:
-        os.remove(path)  # the others' mappings outlive the name
+    first, path = os.environ.get("LOCAL_RANK", "0") == "0", None
+    try:
+        if first:
+            result = fn(*args)
+            handle, path = tempfile.mkstemp(prefix="arc-", suffix=".pt")
+            os.close(handle)
+            try:
+                torch.save((result,), path)
+            except (OSError, RuntimeError):  # torch.save reports a full disk as a RuntimeError
+                os.remove(path)
+                path = None
+        paths = [None] * ctx.world  # each machine's file, found by the machine's name
+        dist.all_gather_object(paths, (socket.gethostname(), path), group=ctx.control)
+        if not first:
+            path = next((p for host, p in paths if p and host == socket.gethostname()), None)
+            result = torch.load(path, mmap=True, weights_only=False)[0] if path else fn(*args)  # our own file
+        dist.barrier(group=ctx.control)  # all have read it
+    finally:
+        if first and path:
+            os.remove(path)  # the others' mappings outlive the name
     return result
 
 
@@ -304,10 +310,9 @@ def restore_checkpoint(run, checkpoint):
 
 
 class Checkpoints:
-    """After each epoch: checkpoint.pth, unless the last one took more than a tenth of the time since it was
-    written (--method full on a big model, short epochs): then at the first epoch after that; always after the
-    last epoch and when a stop is asked for. metrics.jsonl is rewritten from the history every epoch, after the
-    checkpoint: a run killed in between resumes from the checkpoint and writes it again, an epoch a line."""
+    """After each epoch: checkpoint.pth, unless the last took over a tenth of the time since it was written (--method
+    full, big model, short epochs); always after the last epoch and on a stop. Then metrics.jsonl, from the history:
+    a run killed in between resumes from the checkpoint and writes it again, an epoch a line."""
 
     def __init__(self, run):
         self.run, self.epochs_saved = run, len(run.history)
@@ -333,8 +338,7 @@ class Checkpoints:
 
 
 def run_folder(path):
-    """The run (or suite) folder that --resume names: the folder itself, or the folder of a file in it (a
-    mistyped folder stays itself, so that it is the one reported missing)."""
+    """The folder --resume names: itself, or a file's (a mistyped folder stays itself, to be reported missing)."""
     return os.path.dirname(path) if os.path.isfile(path) or path.endswith(".pth") else path
 
 
@@ -357,13 +361,17 @@ def read_checkpoint(path, world):
 
 def finished(out, epochs=None):
     """The record of the run in `out` (its adapters.pth config, written last) when it has finished: trained for
-    `epochs` (when given; more would extend it), and its folded.pth written unless it could not fold; else None."""
-    if not os.path.exists(os.path.join(out, "adapters.pth")):
+    `epochs` (when given; more would extend it), not continued since (no checkpoint.pth written after it), and
+    its folded.pth written unless it could not fold; else None."""
+    adapters, checkpoint = os.path.join(out, "adapters.pth"), os.path.join(out, "checkpoint.pth")
+    if not os.path.exists(adapters) or os.path.exists(checkpoint) and os.path.getmtime(checkpoint) > \
+            os.path.getmtime(adapters):
         return None
-    record = read_saved(os.path.join(out, "adapters.pth"), "--resume", ("config",), "an adapters.pth")["config"]
+    record = read_saved(adapters, "--resume", ("config",), "an adapters.pth")["config"]
+    folded = record.get("folded", record.get("swin_ffn_adapter") != "residual" or record["method"] != "arc")
     if epochs is not None and record["epochs"] != epochs:
         return None
-    return record if not record.get("folded", True) or os.path.exists(os.path.join(out, "folded.pth")) else None
+    return record if not folded or os.path.exists(os.path.join(out, "folded.pth")) else None
 
 
 # Options that say where a run's files are now, or how often to test, may differ on --resume; --epochs may grow.

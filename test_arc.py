@@ -1951,6 +1951,21 @@ def test_eval_only_finds_moved_weights_and_data_from_anywhere(weight_files, tmp_
     assert f"test accuracy {accuracy:.2f}%" in capsys.readouterr().out
 
 
+def test_a_run_is_finished_until_it_is_continued_and_when_it_folded_where_it_could(tmp_path):
+    record = {"epochs": 2, "method": "arc", "model": "swin_t", "swin_ffn_adapter": "residual"}  # an older record:
+    runs.save_atomic({"config": {"weights": "none"}, "history": []}, str(tmp_path / "checkpoint.pth"))  # no "folded"
+    os.utime(tmp_path / "checkpoint.pth", (1, 1))
+    runs.save_atomic({"config": record}, str(tmp_path / "adapters.pth"))
+    assert runs.finished(tmp_path) == record and runs.finished(tmp_path, 2) == record  # unfoldable: no folded.pth
+    assert runs.finished(tmp_path, 3) is None  # more epochs: it is to be extended
+    runs.save_atomic({"config": {**record, "swin_ffn_adapter": "norm2"}}, str(tmp_path / "adapters.pth"))
+    assert runs.finished(tmp_path) is None  # foldable, and no folded.pth: it stopped while folding
+    (tmp_path / "folded.pth").write_bytes(b"")
+    assert runs.finished(tmp_path)["epochs"] == 2
+    os.utime(tmp_path / "checkpoint.pth", (time.time() + 60,) * 2)  # a checkpoint written after it: continued
+    assert runs.finished(tmp_path) is None
+
+
 def test_a_stop_says_how_many_epochs_since_the_last_checkpoint_will_run_again():
     assert str(runs.Interrupted(signal.SIGINT, 5, 5)) == "stopped by SIGINT after 5 epoch(s)"
     assert str(runs.Interrupted(signal.SIGTERM, 7, 4)) == ("stopped by SIGTERM after 7 epoch(s) (3 since the last "
@@ -1978,6 +1993,35 @@ def test_two_processes_train_the_same_weights_as_one(tmp_path):
     for k in one:
         assert torch.allclose(one[k], two[k], atol=1e-5), k
     assert metrics(tmp_path / "two")[-1]["test_acc"] == metrics(tmp_path / "one")[-1]["test_acc"]
+
+
+def test_a_machine_computes_once_and_hands_the_result_to_its_other_processes(tmp_path):
+    # runs.node_once under torchrun (2 gloo processes): the first computes and hands its result over through a
+    # private file; when the file cannot be written (a full TMPDIR), the other computes for itself; no file is left
+    script, scratch = tmp_path / "once.py", tmp_path / "tmp"
+    scratch.mkdir()
+    script.write_text(f"""import glob, os, sys, torch
+sys.path.insert(0, {HERE!r})
+import runs
+ctx, calls = runs.setup_distributed("cpu", 0), []
+first = runs.node_once(ctx, lambda: calls.append("first") or torch.arange(5))
+save = torch.save
+def full(*args, **kw):
+    raise OSError(28, "No space left on device")
+torch.save = full
+second = runs.node_once(ctx, lambda: calls.append("second") or "computed")
+torch.save = save
+left = [name for name in os.listdir({str(scratch)!r}) if name.startswith("arc-")]
+with open(os.path.join({str(tmp_path)!r}, f"rank{{ctx.rank}}.txt"), "w") as f:
+    f.write(f"{{first.tolist()}} {{second}} {{calls}} {{left}}")
+torch.distributed.destroy_process_group()
+""")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], cwd=HERE, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TMPDIR": str(scratch)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "rank0.txt").read_text() == "[0, 1, 2, 3, 4] computed ['first', 'second'] []"
+    assert (tmp_path / "rank1.txt").read_text() == "[0, 1, 2, 3, 4] computed ['second'] []"
 
 
 def test_two_processes_train_an_fgvc_set_like_one_even_when_one_gets_an_empty_share(tmp_path):
@@ -2377,8 +2421,10 @@ def test_a_mistyped_resume_folder_is_named(tmp_path, capsys):
 
 def test_folders_in_a_task_list_are_made_absolute_one_by_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args, given = train.parse_args(["--data", "dtd,./pets,synthetic"])
+    (tmp_path / "dtd").mkdir()  # a folder that happens to bear a dataset's name: the name still means the dataset
+    args, given = train.parse_args(["--data", "dtd, ./pets ,synthetic"])
     assert given["data"] == f"dtd,{tmp_path / 'pets'},synthetic"
+    assert train.parse_args(["--data", "./dtd"])[1]["data"] == str(tmp_path / "dtd")
 
 
 def test_resume_and_option_mistakes_get_one_clear_line(synthetic_run, tmp_path, monkeypatch, capsys):

@@ -81,7 +81,7 @@ def parse_args(argv=None):
     add("--eval-every", "test every N epochs, and after the last", type=int)
     add("--out", "output folder (default: runs/<data>_<model>_<method>)")
     add("--device", "cpu, cuda or cuda:N", default="cuda" if torch.cuda.is_available() else "cpu")
-    add("--workers", "image decoding processes", type=int, default=min(8, os.cpu_count() or 1))
+    add("--workers", "image decoding processes", type=int, default=min(8, data.CORES))
     add("--resume", "the folder of a run or suite to continue")
     add("--eval-only", "test --checkpoint (an adapters.pth or folded.pth)", action="store_true")
     add("--checkpoint", "for --eval-only")
@@ -92,7 +92,8 @@ def parse_args(argv=None):
     if args.weights not in (None, "auto", "none"):
         args.weights = os.path.abspath(args.weights)
     if args.data:  # the folders of a task list too, one by one; names (dtd, vtab-1k) stay names
-        args.data = ",".join(os.path.abspath(name) if data.is_path(name) else name for name in args.data.split(","))
+        names = [name.strip() for name in args.data.split(",")]
+        args.data = ",".join(os.path.abspath(name) if data.is_path(name) else name for name in names)
     return args, {key: getattr(args, key) for key in paper.DEFAULTS if getattr(args, key) is not None}
 
 
@@ -275,7 +276,7 @@ def run_task(given, out, ctx, resume=None):
         runs.check_classes(checkpoint["config"]["classes"], task, f"--resume {out}: the run")
     model = prepare_model(cfg, task.num_classes, weights_path, ctx.log).to(ctx.device)
     if ctx.rank:  # dropout and drop-path: each process draws its own masks, the first the one-process stream
-        torch.manual_seed(cfg.seed + 1_000_000 * ctx.rank)  # a seed that no data order or crop stream uses
+        torch.manual_seed(cfg.seed * 1_000_003 + 7_919 * ctx.rank)  # apart from the data order's and crops' seeds
     params = [p for p in model.parameters() if p.requires_grad]
     ctx.log(f"{task.description}\n{cfg.model} {cfg.method}: {sum(p.numel() for p in params):,} trainable parameters; "
             f"{ctx.world} process(es) on {ctx.device}{', bf16 autocast' if ctx.device.type == 'cuda' else ''}; "

@@ -162,7 +162,8 @@ def published(model, configs, urls):
     """The published checkpoint of `model`'s size (the name of its .config in `configs`), downloaded once."""
     name = next((name for name, config in configs.items() if config == model.config), None)
     if name is None:
-        raise CheckpointError(f"no published weights for a {type(model).__name__} of configuration {model.config}")
+        raise CheckpointError(f"no published weights for a {type(model).__name__} of configuration {model.config} "
+                              f"(those with published weights: {', '.join(configs)})")
     return download(urls[name])
 
 
