@@ -96,6 +96,10 @@ class ARCAdapter(nn.Module):
 
     def forward(self, h):
         down_proj = self.down_proj
+        if h.device != down_proj.device:  # W is shared by reference: nn.DataParallel's replicas never copy it
+            raise RuntimeError(f"ARC's adapter got tokens on {h.device} and its shared W is on {down_proj.device}: "
+                               f"a model replicated by nn.DataParallel, or split over devices, is not supported; "
+                               f"run one device per process (DistributedDataParallel, torchrun)")
         return h + self.dropout((h @ down_proj) * self.scale) @ down_proj.T + self.bias
 
     def _adapt_input(self, module, args, kwargs):
@@ -149,7 +153,7 @@ def add_adapters(model, rank=50, method="arc", dropout=0.1, targets=None):
     one adapter. "a:b" names a module a whose input is transformed and the linear layer a.b that a applies to
     it with F.linear (torchvision's Swin attention). None: the model's family in LAYOUTS.
     A block with an nn.Identity named adapter_<position> (vit.py, swin.py) gets the adapter there, for its
-    own forward to call; other blocks get forward hooks. W is <owner>.down_proj_<position> (the owner: the
+    own forward to call (its dict adapter_feeds says what that slot feeds); other blocks get forward hooks. W is <owner>.down_proj_<position> (the owner: the
     closest module holding every block of that width; "_<width>" is added when it holds several widths), an
     adapter <block>.adapter_<position>.
     """
@@ -287,12 +291,19 @@ def _check_free(holder, holder_name, name):
 
 
 def _check_block(block, block_name, position, sites):
-    """The block takes an adapter: into an empty slot (any layers: its forward decides), or hooked onto
-    layers that it can be folded into."""
-    if not isinstance(getattr(block, f"adapter_{position}", None), nn.Identity):
-        _check_free(block, block_name, f"adapter_{position}")
-        for _, layer, name, parent in sites:
-            _check_foldable(name, layer, parent)
+    """The block takes an adapter: into an empty slot, whose output goes where the block's forward sends it
+    (its `adapter_feeds`, when it says, must be what targets names: else the fold would go elsewhere), or
+    hooked onto layers that it can be folded into."""
+    if isinstance(getattr(block, f"adapter_{position}", None), nn.Identity):
+        feeds = _listed(getattr(block, "adapter_feeds", {}).get(position, []))
+        named = [name[len(block_name) + 1:] for _, _, name, _ in sites]
+        if feeds and sorted(named) != sorted(feeds):
+            raise ValueError(f"{block_name}.adapter_{position} is a slot whose output feeds {', '.join(feeds)}, not "
+                             f"{', '.join(named)}: targets[{position!r}] must name what it feeds (or leave targets out)")
+        return
+    _check_free(block, block_name, f"adapter_{position}")
+    for _, layer, name, parent in sites:
+        _check_foldable(name, layer, parent)
 
 
 def _attach(model, block, position, down_proj, sites, dropout):

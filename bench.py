@@ -51,8 +51,7 @@ import vit
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("arc", "arc_att", "linear", "full")
 H200_BF16_FLOPS = 790e12  # an 8192^3 bf16 matrix product on an H200, random data: the step's arithmetic ceiling
-TESTS_TIMEOUT_S = 300
-DTD_TRAIN_IMAGES = 1000
+TESTS_TIMEOUT_S, DTD_TRAIN_IMAGES = 300, 1000  # the CUDA tests' time limit; VTAB-1k DTD's training images
 
 
 def sync(device):
@@ -167,10 +166,9 @@ DTD_PARTS = (("setup", "start-up: model, data decoded to the device"), ("trainin
 def time_dtd_run(args):
     """train.run_task on images shaped as VTAB-1k DTD: its result, and its wall time from start-up to folded.pth."""
     with tempfile.TemporaryDirectory() as scratch:
-        images = write_dtd_shaped(os.path.join(scratch, "dtd_shaped"), args.img_size)
-        given = {"data": images, "model": args.model, "img_size": args.img_size, "weights": "none",
-                 "epochs": args.epochs, "batch_size": args.batch_size}
-        ctx = runs.setup_distributed(args.device, workers=min(8, os.cpu_count() or 1))
+        given = {"data": write_dtd_shaped(os.path.join(scratch, "dtd_shaped"), args.img_size), "model": args.model,
+                 "img_size": args.img_size, "weights": "none", "epochs": args.epochs, "batch_size": args.batch_size}
+        ctx = runs.setup_distributed(args.device, workers=min(8, data.CORES))
         started = time.time()
         result = train.run_task(given, os.path.join(scratch, "run"), ctx)
         return result, time.time() - started
@@ -198,10 +196,13 @@ def run_command(command, timeout):
     """(exit status, or None when it ran past `timeout` and was stopped with its children; its output)."""
     process = subprocess.Popen(command, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        output = process.communicate(timeout=timeout)[0]
-        return process.returncode, output
-    os.killpg(process.pid, signal.SIGKILL)  # its group: pytest, and torchrun with its workers
+    try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            output = process.communicate(timeout=timeout)[0]
+            return process.returncode, output
+    finally:  # past its time, or bench.py itself stopped: its group too (pytest; torchrun with its workers)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         return None, process.communicate(timeout=10)[0]
     return None, "(no output: a child still holds the pipe)"
@@ -386,7 +387,7 @@ def report(args, device, argv):
     measured). Returns the titles of the sections that failed."""
     cuda, chosen, started, failed = device.type == "cuda", args.sections.split(","), time.time(), []
     gpu = torch.cuda.get_device_name(device) if cuda else "a CPU"
-    facts = {"machine": platform.node(), "CPU": f"{os.cpu_count()} cores, {platform.machine()}",
+    facts = {"machine": platform.node(), "CPU": f"{data.CORES} cores to use of {os.cpu_count()}, {platform.machine()}",
              "GPU": f"{gpu}, {torch.cuda.mem_get_info(device)[1] / 2**30:.0f} GiB" if cuda else "none (CPU)",
              "torch": torch.__version__, "torchvision": torchvision.__version__, "CUDA": torch.version.cuda,
              "cuDNN": torch.backends.cudnn.version(), "Python": platform.python_version(),
@@ -395,18 +396,23 @@ def report(args, device, argv):
              f"{args.batch_size}, {'bf16 autocast' if cuda else 'float32'}, median of {args.rounds} rounds"}
     parts = [f"# ARC: CUDA tests and speed on {gpu}", table(["", ""], facts.items()), "not run (--sections): "
              + (", ".join(title for key, (title, _) in REPORT_SECTIONS.items() if key not in chosen) or "none")]
+    save = lambda *more: runs.save_atomic("\n\n".join([*parts, *more]) + "\n", args.report)
+    # .ci/gpu's time limit (SIGTERM) stops the report, and the section's children with it (run_command)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     for title, measure in (REPORT_SECTIONS[key] for key in chosen):
         print(f"bench.py --report: {title}", flush=True)
         section_started = time.time()
         try:
             body = measure(args, device)
+        except (SystemExit, runs.Interrupted):  # the time limit (a run's stop flag turns it into Interrupted)
+            save(f"stopped by SIGTERM (the time limit) in: {title}")
+            raise SystemExit(128 + signal.SIGTERM) from None
         except Exception:
             body = f"**FAILED**:\n\n```\n{traceback.format_exc()[-3000:]}\n```"
         failed += [title] * body.startswith("**FAILED**")
         parts.append(f"## {title}\n\n{body}\n\n_section time: {time.time() - section_started:.0f} s_")
-        runs.save_atomic("\n\n".join(parts) + "\n", args.report)
-    parts.append(f"total: {time.time() - started:.0f} s; failed: {', '.join(failed) or 'none'}")
-    runs.save_atomic("\n\n".join(parts) + "\n", args.report)
+        save()
+    save(f"total: {time.time() - started:.0f} s; failed: {', '.join(failed) or 'none'}")
     return failed
 
 

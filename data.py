@@ -185,13 +185,11 @@ def normalize(images):
 
 
 def build(name, data_dir="./data", img_size=224, workers=min(4, CORES), log=print):
-    """The Task called `name` (see the module docstring); raises DataError when it cannot be loaded.
-    `log` receives a line per decoded split (None: silent)."""
+    """The Task called `name` (module docstring), or DataError; `log` gets a line a decoded split (None: silent)."""
     kind = _kind(name, data_dir)
     if kind == "synthetic":
         return _synthetic(img_size)
-    if absent := missing(name, data_dir):
-        raise DataError(f"{absent} not found: {LAYOUTS[kind]}")
+    check(name, data_dir)
     train, test, classes, description = {"vtab": _vtab, "dtd release": _dtd, "fgvc": _fgvc, "folder": _folder}[kind](
         name, data_dir)
     decode = lambda samples, recipe, split: _decode(samples, functools.partial(_resize, size=img_size, recipe=recipe),
@@ -205,11 +203,16 @@ def build(name, data_dir="./data", img_size=224, workers=min(4, CORES), log=prin
 
 
 def missing(name, data_dir="./data"):
-    """The first file or folder that `name` reads (_required_files) and that is not there; None when all are
-    (or, for DTD, can be downloaded). Cheap: it reads no image, so a run can check its data first."""
+    """The first file or folder `name` reads that is not there (None: all are, or DTD can be downloaded); cheap."""
     kind = _kind(name, data_dir)
     there = os.path.isdir if kind == "folder" else os.path.isfile
     return next((path for path in _required_files(kind, name, data_dir) if not there(path)), None)
+
+
+def check(name, data_dir="./data"):
+    """Raise DataError naming the first missing file (see missing()) and the layout it belongs to."""
+    if absent := missing(name, data_dir):
+        raise DataError(f"no {name} data: {absent} is missing; {LAYOUTS[_kind(name, data_dir)]}")
 
 
 def _required_files(kind, name, data_dir):
@@ -279,9 +282,8 @@ def _decode(samples, transform, workers, split, log):
     chunks, shapes, began, show = [], [], time.time(), log is not None and sys.stderr.isatty()
     options = {"num_workers": workers, "collate_fn": functools.partial(_decode_chunk, transform=transform)}
     if workers and "forkserver" in multiprocessing.get_all_start_methods():
-        # Workers started by a fork server, not forked from this process: a fork taken while another thread holds
-        # a lock (torch.distributed's under torchrun, a finished loader's queue feeder) can hang the worker at
-        # birth, and the run with it. The server imports this module once, so a worker starts in milliseconds.
+        # Workers from a fork server, not forked from this process: a fork taken while another thread holds a lock
+        # (torch.distributed's, a loader's queue feeder) can hang at birth. The server imports this module once.
         options["multiprocessing_context"] = multiprocessing.get_context("forkserver")
         options["multiprocessing_context"].set_forkserver_preload([__name__])
     for pixels, sizes, error in DataLoader([path for path, _ in samples], batch_size=64, **options):
@@ -324,8 +326,7 @@ def _read_lines(text_file):
         with open(text_file, encoding="utf-8") as f:
             return f.read().splitlines()
     except UnicodeDecodeError as e:
-        raise DataError(f"{text_file} is not a UTF-8 text file (byte {e.start} is not UTF-8): is it the list "
-                        f"file, and complete? Download or extract it again") from None
+        raise DataError(f"{text_file} is not UTF-8 text (byte {e.start}): is it the list file, and complete?") from None
     except OSError as e:
         raise DataError(f"cannot read {text_file} ({_reason(e)})") from None
 
@@ -357,11 +358,10 @@ def _dtd(_, data_dir):
         if not os.path.isdir(root):  # the same test torchvision makes before downloading
             torchvision.datasets.DTD(data_dir, download=True)
     except Exception as e:  # no network, a proxy's error page, a truncated archive: all leave no data
-        raise DataError(f"DTD not found in {root}/images and downloading {url} failed ({_reason(e)}). Without "
-                        f"network: download {url} elsewhere and put it at {os.path.dirname(root)}/"
-                        f"{os.path.basename(url)} (it is checked and extracted on the next run), or extract it "
-                        f"yourself so that {root}/images/<class>/*.jpg and {root}/labels/train1.txt exist; or place "
-                        f"the VTAB-1k lists in {os.path.join(data_dir, 'vtab-1k', 'dtd')}") from None
+        raise DataError(f"DTD not found in {root}/images and downloading {url} failed ({_reason(e)}). Offline: put "
+                        f"that file at {os.path.dirname(root)}/{os.path.basename(url)} (checked and extracted on the "
+                        f"next run), or extract it: {root}/images/<class>/*.jpg and {root}/labels/train1.txt; or "
+                        f"place the VTAB-1k lists in {os.path.join(data_dir, 'vtab-1k', 'dtd')}") from None
     lists = dict(zip(("train", "validation", "test"), _required_files("dtd release", "dtd", data_dir)))
     names = {split: [line.strip() for line in _read_lines(file) if line.strip()] for split, file in lists.items()}
     classes = sorted({name.split("/")[0] for split in names.values() for name in split})  # as TFDS, torchvision

@@ -64,9 +64,8 @@ class Context:
 
 
 def setup_distributed(device_name, workers):
-    """Where this process runs. torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is one process.
-    Under torchrun a second, CPU (gloo) group carries control messages: stop requests and barriers that may
-    wait out a download, without a GPU sync or NCCL's timeout. Only the first process logs."""
+    """Where this process runs: alone, or as one of torchrun's (RANK, WORLD_SIZE, LOCAL_RANK). A second, CPU
+    (gloo) group carries stop requests and barriers that may wait out a download, free of GPU syncs, NCCL's timeout."""
     ctx = Context(torch.device(device_name), workers)
     if "RANK" in os.environ:
         cuda = device_name.startswith("cuda")
@@ -222,8 +221,7 @@ def check_out(out, fresh):
 
 
 def save_atomic(obj, path):
-    """Text, or what torch.save takes, to a temporary file that then replaces `path`: an interruption or a
-    full disk never leaves a half-written file."""
+    """Text, or what torch.save takes, written to path.tmp then renamed: never half a file (a stop, a full disk)."""
     try:
         if isinstance(obj, str):
             with open(path + ".tmp", "w") as f:
@@ -231,16 +229,18 @@ def save_atomic(obj, path):
         else:
             torch.save(obj, path + ".tmp")
         os.replace(path + ".tmp", path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+    except BaseException as e:  # a full disk, or a Ctrl-C mid-write: no temporary file is left (1 GB for full ViT-B)
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
+        if not isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
+            raise
         raise UserError(f"could not write {path} ({getattr(e, 'strerror', None) or e}); what was there is intact") from None
 
 
-def read_saved(path, option, keys, what):
-    """A file train.py wrote, holding at least the entries `keys`; `what` names the kind expected."""
+def read_saved(path, option, keys, what, mmap=False):
+    """A file train.py wrote, holding at least the entries `keys` (`what`: its kind; mmap: tensors read when used)."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise UserError(f"{option} {path}: no such file") from None
     except Exception:
@@ -361,21 +361,21 @@ def read_checkpoint(path, world):
 
 def finished(out, epochs=None):
     """The record of the run in `out` (its adapters.pth config, written last) when it has finished: trained for
-    `epochs` (when given; more would extend it), not continued since (no checkpoint.pth written after it), and
+    `epochs` (when given; more would extend it), not continued since (checkpoint.pth holds no more epochs), and
     its folded.pth written unless it could not fold; else None."""
     adapters, checkpoint = os.path.join(out, "adapters.pth"), os.path.join(out, "checkpoint.pth")
-    if not os.path.exists(adapters) or os.path.exists(checkpoint) and os.path.getmtime(checkpoint) > \
-            os.path.getmtime(adapters):
+    if not os.path.exists(adapters):
         return None
     record = read_saved(adapters, "--resume", ("config",), "an adapters.pth")["config"]
     folded = record.get("folded", record.get("swin_ffn_adapter") != "residual" or record["method"] != "arc")
-    if epochs is not None and record["epochs"] != epochs:
+    saved = read_saved(checkpoint, "--resume", ("history",), "a checkpoint.pth", mmap=True)["history"] \
+        if os.path.exists(checkpoint) else []
+    if epochs is not None and record["epochs"] != epochs or len(saved) > record["epochs"]:
         return None
     return record if not folded or os.path.exists(os.path.join(out, "folded.pth")) else None
 
 
-# Options that say where a run's files are now, or how often to test, may differ on --resume; --epochs may grow.
-MAY_CHANGE = ("data_dir", "eval_every", "epochs", "weights")
+MAY_CHANGE = ("data_dir", "eval_every", "epochs", "weights")  # where files are now, how often to test; more epochs
 
 
 def check_resume(given, saved, done, out):

@@ -157,6 +157,7 @@ class Block(nn.Module):
         self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, 4 * dim)
         self.drop_path = DropPath(drop_path)  # stochastic depth, one rate for both residual branches
         self.adapter_att, self.adapter_ffn = nn.Identity(), nn.Identity()
+        self.adapter_feeds = {"att": "attn.qkv", "ffn": "norm2" if ffn_adapter == "residual" else "mlp.fc1"}
         self.register_buffer("attn_mask", shift_mask(resolution, window, shift) if shift else None,
                              persistent=False)
 

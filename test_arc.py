@@ -489,20 +489,50 @@ class HFStyleLayer(torch.nn.Module):
         return hidden_states + self.mlp(self.layernorm_after(hidden_states))
 
 
-class HFStyleViT(torch.nn.Module):
-    """transformers 5's ViTForImageClassification by its names: vit.embeddings, vit.layers.{i}, vit.layernorm,
-    classifier."""
+class HF4StyleLayer(torch.nn.Module):
+    """transformers 4's ViTLayer by its names (as in 4.57): attention.attention.{query,key,value},
+    attention.output.dense, intermediate.dense, output.dense."""
 
-    def __init__(self, dim=32, depth=3):
+    def __init__(self, dim):
+        super().__init__()
+        self.attention, self.intermediate, self.output = torch.nn.Module(), torch.nn.Module(), torch.nn.Module()
+        self.attention.attention, self.attention.output = torch.nn.Module(), torch.nn.Module()
+        for name in ("query", "key", "value"):
+            setattr(self.attention.attention, name, torch.nn.Linear(dim, dim))
+        self.attention.output.dense = torch.nn.Linear(dim, dim)
+        self.intermediate.dense, self.output.dense = torch.nn.Linear(dim, 2 * dim), torch.nn.Linear(2 * dim, dim)
+        self.layernorm_before, self.layernorm_after = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+
+    def forward(self, hidden_states):
+        h, attention = self.layernorm_before(hidden_states), self.attention.attention
+        B, N, C = h.shape
+        split = lambda t: t.view(B, N, 2, -1).transpose(1, 2)
+        mixed = torch.nn.functional.scaled_dot_product_attention(
+            split(attention.query(h)), split(attention.key(h)), split(attention.value(h))).transpose(1, 2)
+        hidden_states = hidden_states + self.attention.output.dense(mixed.reshape(B, N, C))
+        h = torch.nn.functional.gelu(self.intermediate.dense(self.layernorm_after(hidden_states)))
+        return hidden_states + self.output.dense(h)
+
+
+class HFStyleViT(torch.nn.Module):
+    """transformers' ViTForImageClassification by its names: vit.embeddings, vit.layers.{i} (version 5) or
+    vit.encoder.layer.{i} (version 4), vit.layernorm, classifier."""
+
+    def __init__(self, dim=32, depth=3, version=5):
         super().__init__()
         self.vit = torch.nn.Module()
         self.vit.embeddings = torch.nn.Conv2d(3, dim, 8, 8)
-        self.vit.layers = torch.nn.ModuleList(HFStyleLayer(dim) for _ in range(depth))
+        layers = torch.nn.ModuleList((HFStyleLayer if version == 5 else HF4StyleLayer)(dim) for _ in range(depth))
+        if version == 5:
+            self.vit.layers = layers
+        else:
+            self.vit.encoder = torch.nn.Module()
+            self.vit.encoder.layer = layers
         self.vit.layernorm, self.classifier = torch.nn.LayerNorm(dim), torch.nn.Linear(dim, 5)
 
     def forward(self, pixel_values):
         x = self.vit.embeddings(pixel_values).flatten(2).transpose(1, 2)
-        for layer in self.vit.layers:
+        for layer in self.vit.layers if hasattr(self.vit, "layers") else self.vit.encoder.layer:
             x = layer(x)
         return self.classifier(self.vit.layernorm(x)[:, 0])
 
@@ -520,6 +550,7 @@ ARC_FAMILIES = {  # name -> (a small model, its input size, [(width, blocks of t
     "torchvision ViT": (lambda: torchvision.models.VisionTransformer(32, 8, 3, 2, 32, 64, num_classes=5), 32, [(32, 3)]),
     "torchvision Swin": (_torchvision_swin, 32, [(16, 2), (32, 2)]),
     "transformers ViT": (HFStyleViT, 32, [(32, 3)]),
+    "transformers 4 ViT": (lambda: HFStyleViT(version=4), 32, [(32, 3)]),
     "vit.py": (lambda: tiny_vit(num_classes=5), 32, [(32, 2)]),
     "swin.py": (lambda: swin_tiny(), 64, [(16, 2), (32, 2), (64, 2)]),
 }
@@ -784,6 +815,10 @@ def test_an_unrecognised_model_or_wrong_targets_get_one_clear_error():
     with pytest.raises(ValueError, match="blocks.0.norm2 is a LayerNorm: ARC adapters feed, and fold into, nn.Linear"):
         arc.add_adapters(model, targets={"att": "blocks.*.attn.qkv", "ffn": "blocks.*.norm2"})
     assert not any(arc.is_arc(m) for m in model.modules()) and not model.blocks[0].attn.qkv._forward_pre_hooks
+    with pytest.raises(ValueError, match="blocks.0.adapter_att is a slot whose output feeds attn.qkv, not attn.proj"):
+        arc.add_adapters(tiny_vit(num_classes=5), targets={"att": "blocks.*.attn.proj", "ffn": "blocks.*.mlp.fc1"})
+    with pytest.raises(RuntimeError, match="tokens on meta and its shared W is on cpu.*nn.DataParallel"):
+        arc.ARCAdapter(arc.SharedProjection(8, 2), feeds=None)(torch.zeros(1, 8, device="meta"))
     with pytest.raises(ValueError, match="method must be one of"):
         arc.add_adapters(TimmStyleViT(), method="lora")
     with pytest.raises(ValueError, match="exists already"):
@@ -1446,22 +1481,15 @@ def test_fgvc_augmentation_never_reseeds_the_generators_dropout_draws_from(tmp_p
     assert all(torch.equal(a, b) for a, b in zip(crops, again))  # a function of (seed, image)
 
 
-def test_data_a_split_too_large_for_the_device_gives_the_same_batches_from_host_memory(tmp_path, monkeypatch):
+def test_data_a_loader_asks_whether_its_split_fits_on_the_device(tmp_path, monkeypatch):
+    # with the split's size; what follows (the split kept in host memory, and its batches bitwise the device
+    # path's) needs a GPU: test_cuda_a_split_kept_in_host_memory_gives_the_device_path_s_batches_bitwise
     task, _ = fgvc_pictures(tmp_path)
-    batches = [torch.tensor([4, 1]), torch.tensor([0, 3, 2])]
-    on_device = {name: list(data.Loader(split, torch.device("cpu"))(batches, seed=5))
-                 for name, split in (("train", task.train), ("test", task.test))}
     asked = []
     monkeypatch.setattr(data, "fits_on_device", lambda nbytes, device: asked.append(nbytes) or False)
-    for name, split in (("train", task.train), ("test", task.test)):
-        from_host = list(data.Loader(split, torch.device("cpu"))(batches, seed=5))
-        assert all(torch.equal(a, b) for pair in zip(on_device[name], from_host) for a, b in zip(*pair))
+    for split in (task.train, task.test):
+        data.Loader(split, torch.device("cpu"))
     assert asked == [task.train.pixels.numel(), task.test.images.numel()]
-    # the decision: at most half of the GPU's free memory; the CPU holds anything
-    monkeypatch.undo()
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 80 * 2**30))
-    assert data.fits_on_device(4 * 2**30, torch.device("cuda")) and not data.fits_on_device(4 * 2**30 + 1, torch.device("cuda"))
-    assert data.fits_on_device(2**50, torch.device("cpu"))
 
 
 def test_a_process_with_no_test_images_gets_no_batches():
@@ -1488,13 +1516,13 @@ def test_data_unknown_name_lists_the_choices():
 
 
 def test_data_missing_dataset_folders_say_what_was_expected(tmp_path):
-    message = build_error("not found", "cifar", data_dir=str(tmp_path))
+    message = build_error("is missing", "cifar", data_dir=str(tmp_path))
     assert os.path.join(str(tmp_path), "vtab-1k", "cifar", "train800val200.txt") in message
     assert "relative to the task folder" in message
-    message = build_error("not found", "cub", data_dir=str(tmp_path))
+    message = build_error("is missing", "cub", data_dir=str(tmp_path))
     assert os.path.join(str(tmp_path), "fgvc", "CUB_200_2011", "train.json") in message
     os.makedirs(tmp_path / "dtd" / "dtd" / "images")  # a half-extracted release
-    build_error(r"labels.train1\.txt not found", "dtd", data_dir=str(tmp_path))
+    build_error(r"labels.train1\.txt is missing", "dtd", data_dir=str(tmp_path))
 
 
 def test_data_missing_names_the_missing_file_of_every_layout(tmp_path):
@@ -1509,13 +1537,12 @@ def test_data_missing_names_the_missing_file_of_every_layout(tmp_path):
     write_list(release / "labels" / "train1.txt", ["banded/banded_0001.jpg"])
     pets = tmp_path / "pets"
     write_image(pets / "train" / "cat" / "0.jpg", 0)
-    for name, absent in (("kitti", vtab / "test.txt"), ("nabirds", fgvc / "test.json"),
-                         ("dtd", release / "labels" / "val1.txt"), (str(pets), pets / "test")):
+    for name, absent, kind in (("kitti", vtab / "test.txt", "vtab"), ("nabirds", fgvc / "test.json", "fgvc"),
+                               ("dtd", release / "labels" / "val1.txt", "dtd release"), (str(pets), pets / "test", "folder")):
         assert data.missing(name, str(tmp_path)) == str(absent)
-        assert str(absent) in build_error("not found|is missing", name, data_dir=str(tmp_path))
-        with pytest.raises(runs.UserError) as info:
-            train.check_data(name, str(tmp_path))
-        assert str(info.value) == f"no {name} data: {absent} is missing (see --data-dir)"
+        message = build_error("is missing", name, data_dir=str(tmp_path))
+        assert message.startswith(f"no {name} data: {absent} is missing; ")
+        assert message.endswith(data.LAYOUTS[kind])  # what the layout should be
     (pets / "val").mkdir()  # val/ stands for test/ when test/ is absent
     assert data.missing(str(pets), str(tmp_path)) is None
     assert data.missing("synthetic", str(tmp_path)) is None
@@ -1590,6 +1617,7 @@ def test_data_a_split_fits_on_the_gpu_in_half_of_what_is_free_and_cached(monkeyp
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 5 * 2**30)  # 2 GiB of it cached, unused
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3 * 2**30)
     assert data.fits_on_device(4 * 2**30, torch.device("cuda")) and not data.fits_on_device(4 * 2**30 + 1, torch.device("cuda"))
+    assert data.fits_on_device(2**50, torch.device("cpu"))  # host memory holds anything
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1886,6 +1914,16 @@ def test_a_full_disk_leaves_the_last_checkpoint_intact(tmp_path, monkeypatch, ca
     assert sorted(os.listdir(out)) == ["checkpoint.pth", "metrics.jsonl"]  # no .tmp left behind
 
 
+def test_a_ctrl_c_while_writing_leaves_no_temporary_file(tmp_path, monkeypatch):
+    def interrupted(obj, path, *args, **kwargs):
+        open(path, "wb").write(b"half a checkpoint")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # not turned into a UserError: the stop goes on
+        runs.save_atomic({"history": []}, str(tmp_path / "checkpoint.pth"))
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_finished_run_is_extended_by_more_epochs(synthetic_run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(synthetic_run, out)
@@ -1953,8 +1991,8 @@ def test_eval_only_finds_moved_weights_and_data_from_anywhere(weight_files, tmp_
 
 def test_a_run_is_finished_until_it_is_continued_and_when_it_folded_where_it_could(tmp_path):
     record = {"epochs": 2, "method": "arc", "model": "swin_t", "swin_ffn_adapter": "residual"}  # an older record:
-    runs.save_atomic({"config": {"weights": "none"}, "history": []}, str(tmp_path / "checkpoint.pth"))  # no "folded"
-    os.utime(tmp_path / "checkpoint.pth", (1, 1))
+    runs.save_atomic({"config": {"weights": "none"}, "history": [{}, {}]}, str(tmp_path / "checkpoint.pth"))  # no
+    os.utime(tmp_path / "checkpoint.pth", (time.time() + 60,) * 2)  # "folded"; dates do not matter (a copied run)
     runs.save_atomic({"config": record}, str(tmp_path / "adapters.pth"))
     assert runs.finished(tmp_path) == record and runs.finished(tmp_path, 2) == record  # unfoldable: no folded.pth
     assert runs.finished(tmp_path, 3) is None  # more epochs: it is to be extended
@@ -1962,8 +2000,8 @@ def test_a_run_is_finished_until_it_is_continued_and_when_it_folded_where_it_cou
     assert runs.finished(tmp_path) is None  # foldable, and no folded.pth: it stopped while folding
     (tmp_path / "folded.pth").write_bytes(b"")
     assert runs.finished(tmp_path)["epochs"] == 2
-    os.utime(tmp_path / "checkpoint.pth", (time.time() + 60,) * 2)  # a checkpoint written after it: continued
-    assert runs.finished(tmp_path) is None
+    runs.save_atomic({"config": {"weights": "none"}, "history": [{}] * 3}, str(tmp_path / "checkpoint.pth"))
+    assert runs.finished(tmp_path) is None  # a checkpoint of a third epoch: it was continued since
 
 
 def test_a_stop_says_how_many_epochs_since_the_last_checkpoint_will_run_again():
@@ -2424,6 +2462,8 @@ def test_folders_in_a_task_list_are_made_absolute_one_by_one(tmp_path, monkeypat
     args, given = train.parse_args(["--data", "dtd, ./pets ,synthetic"])
     assert given["data"] == f"dtd,{tmp_path / 'pets'},synthetic"
     assert train.parse_args(["--data", "./dtd"])[1]["data"] == str(tmp_path / "dtd")
+    assert train.default_out(given) == os.path.join("runs", "dtd+pets+synthetic_vit_b16_arc")  # each by its name
+    assert train.default_out({"model": "swin_b"}) == os.path.join("runs", "dtd_swin_b_arc")
 
 
 def test_resume_and_option_mistakes_get_one_clear_line(synthetic_run, tmp_path, monkeypatch, capsys):
@@ -2604,6 +2644,23 @@ def test_bench_report_writes_each_section_with_its_figures(tmp_path, monkeypatch
     assert bench.vit_flops("vit_b16", 224) == pytest.approx(35.1e9, rel=2e-3)  # 17.6 G multiply-adds
 
 
+def test_a_report_stopped_by_its_time_limit_stops_there_and_keeps_what_it_measured(tmp_path):
+    # .ci/gpu's timeout sends SIGTERM; in the DTD-shaped run train.py's stop flag catches it. The report must end
+    # there, not go on with the next sections past the GPU session's time
+    path = tmp_path / "report.md"
+    process = subprocess.Popen([sys.executable, "bench.py", "--report", str(path), "--sections", "dtd,steps", "--model",
+                                "vit_t16", "--img-size", "16", "--epochs", "1000", "--device", "cpu"], cwd=HERE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "The whole DTD-shaped run" in process.stdout.readline()
+    time.sleep(3)  # writing the images, or training: the report stops the same way
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=60)
+    text = path.read_text()
+    assert process.returncode == 128 + signal.SIGTERM
+    assert text.endswith("stopped by SIGTERM (the time limit) in: The whole DTD-shaped run\n") and "## " not in text
+
+
 def test_ci_gpu_says_in_one_line_that_there_is_no_gpu(tmp_path):
     # CUDA_VISIBLE_DEVICES empty hides any GPU: the same on CI and on a GPU machine; run from another folder
     result = subprocess.run(["bash", os.path.join(HERE, ".ci", "gpu")], cwd=tmp_path, capture_output=True, text=True,
@@ -2612,6 +2669,12 @@ def test_ci_gpu_says_in_one_line_that_there_is_no_gpu(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("\n") == 1 and "no CUDA GPU" in result.stdout
     assert os.listdir(tmp_path) == []  # no report
+    broken = tmp_path / "python"  # an environment whose torch does not import fails, rather than pass unchecked
+    broken.write_text("#!/bin/sh\nexec " + sys.executable + " -c 'raise ImportError(\"no torch\")'\n")
+    broken.chmod(0o755)
+    result = subprocess.run(["bash", os.path.join(HERE, ".ci", "gpu")], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHON": str(broken)})
+    assert result.returncode == 1 and "does not import" in result.stdout and "no torch" in result.stderr
 
 
 # Skipped without a CUDA GPU (CI has none): `bash .ci/gpu` runs them on a GPU machine and writes each

@@ -121,13 +121,6 @@ def check_options(args, error):
         error(f"--resume {args.resume} and --out {args.out} name different runs: give one of them")
 
 
-def check_data(name, data_dir):
-    """Whether the data is there is cheap to learn: before anything is downloaded or decoded."""
-    absent = data.missing(name, data_dir)
-    if absent:
-        raise UserError(f"no {name} data: {absent} is missing (see --data-dir)")
-
-
 # ---------------------------------------------------------------------------------------------------
 # The model: built, loaded, frozen but for what the method trains
 
@@ -267,7 +260,7 @@ def run_task(given, out, ctx, resume=None):
     if done:
         ctx.log(f"{out} has finished its {cfg.epochs} epochs (--resume with more --epochs trains it for longer)")
         return done["result"]
-    check_data(cfg.data, cfg.data_dir)
+    data.check(cfg.data, cfg.data_dir)  # cheap: before anything is downloaded or decoded
     weights_path = runs.node_once(ctx, runs.weights_file, cfg.weights, cfg.model, ctx.log)  # before the decoding
     cfg.weights_bytes = os.path.getsize(weights_path) if weights_path else 0  # its identity on --resume, --eval-only
     task = runs.node_once(ctx, data.build, cfg.data, cfg.data_dir, cfg.img_size, ctx.workers, ctx.log)
@@ -393,7 +386,7 @@ def eval_only(args, given, ctx):
     cfg = SimpleNamespace(**{**paper.DEFAULTS, **saved["config"], **{k: v for k, v in given.items() if k in ("data_dir",
                                                                                                       "weights")}})
     cfg.data = given["data"] if "data" in given and data.is_path(cfg.data) else cfg.data
-    check_data(cfg.data, cfg.data_dir)
+    data.check(cfg.data, cfg.data_dir)
     if cfg.method == "folded":
         model = build_model(SimpleNamespace(**{**vars(cfg), "method": "full"}), len(cfg.classes))
         try:
@@ -414,6 +407,13 @@ def eval_only(args, given, ctx):
 # ---------------------------------------------------------------------------------------------------
 
 
+def default_out(given):
+    """runs/<data>_<model>_<method>; a task list's entries joined by '+', each folder by its own name."""
+    setting = {**paper.DEFAULTS, **given}
+    tasks = "+".join(os.path.basename(os.path.normpath(task)) for task in setting["data"].split(","))
+    return os.path.join("runs", f"{tasks}_{setting['model']}_{setting['method']}")
+
+
 def main(argv=None):
     args, given = parse_args(argv)
     ctx = runs.setup_distributed(args.device, args.workers)
@@ -421,9 +421,7 @@ def main(argv=None):
     folder = resume and runs.run_folder(resume)
     in_suite = bool(folder) and os.path.isfile(os.path.join(folder, "suite.json"))  # --resume names a suite's folder
     suite = in_suite or bool(paper.suite_tasks(given.get("data", "")))
-    name = "_".join([os.path.basename(os.path.normpath(given.get("data", paper.DEFAULTS["data"]))).replace(",", "+"),
-                     given.get("model", paper.DEFAULTS["model"]), given.get("method", paper.DEFAULTS["method"])])
-    out = folder or args.out or os.path.join("runs", name)
+    out = folder or args.out or default_out(given)
     try:
         if args.eval_only:
             return eval_only(args, given, ctx)
@@ -438,7 +436,7 @@ def main(argv=None):
             print(f"\n{e}. {runs.continue_with(e.epochs_saved or suite, out, ctx)}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:  # before training began, or a second Ctrl-C: checkpoints are written atomically
-        print("\nstopped at once; checkpoint.pth, if there is one, holds the last completed epoch", file=sys.stderr)
+        print("\nstopped at once; checkpoint.pth, if there is one, holds the last epoch it saved", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
     finally:
         if dist.is_initialized():

@@ -77,6 +77,7 @@ class Block(nn.Module):
         self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
         self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, mlp_dim, dropout)
         self.adapter_att, self.adapter_ffn = nn.Identity(), nn.Identity()  # slots that arc.add_adapters fills
+        self.adapter_feeds = {"att": "attn.qkv", "ffn": "mlp.fc1"}  # what forward sends their output to
 
     def forward(self, x):
         x = x + self.attn(self.adapter_att(self.norm1(x)))
