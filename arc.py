@@ -96,7 +96,8 @@ class ARCAdapter(nn.Module):
 
     def forward(self, h):
         down_proj = self.down_proj
-        if h.device != down_proj.device:  # W is shared by reference: nn.DataParallel's replicas never copy it
+        # W is shared by reference: nn.DataParallel's replicas never copy it (h is no tensor while torch.fx traces)
+        if isinstance(h, torch.Tensor) and h.device != down_proj.device:
             raise RuntimeError(f"ARC's adapter got tokens on {h.device} and its shared W is on {down_proj.device}: "
                                f"a model replicated by nn.DataParallel, or split over devices, is not supported; "
                                f"run one device per process (DistributedDataParallel, torchrun)")
@@ -153,9 +154,9 @@ def add_adapters(model, rank=50, method="arc", dropout=0.1, targets=None):
     one adapter. "a:b" names a module a whose input is transformed and the linear layer a.b that a applies to
     it with F.linear (torchvision's Swin attention). None: the model's family in LAYOUTS.
     A block with an nn.Identity named adapter_<position> (vit.py, swin.py) gets the adapter there, for its
-    own forward to call (its dict adapter_feeds says what that slot feeds); other blocks get forward hooks. W is <owner>.down_proj_<position> (the owner: the
-    closest module holding every block of that width; "_<width>" is added when it holds several widths), an
-    adapter <block>.adapter_<position>.
+    own forward to call (its dict adapter_feeds says what that slot feeds); other blocks get forward hooks.
+    W is <owner>.down_proj_<position> (the owner: the closest module holding every block of that width;
+    "_<width>" is added when it holds several widths), an adapter <block>.adapter_<position>.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, not {method!r}")

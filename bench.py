@@ -200,8 +200,8 @@ def run_command(command, timeout):
         with contextlib.suppress(subprocess.TimeoutExpired):
             output = process.communicate(timeout=timeout)[0]
             return process.returncode, output
-    finally:  # past its time, or bench.py itself stopped: its group too (pytest; torchrun with its workers)
-        if process.poll() is None:
+    finally:  # done, past its time, or bench.py stopped: whatever is left of its group (pytest; torchrun, workers)
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         return None, process.communicate(timeout=10)[0]
@@ -397,16 +397,16 @@ def report(args, device, argv):
     parts = [f"# ARC: CUDA tests and speed on {gpu}", table(["", ""], facts.items()), "not run (--sections): "
              + (", ".join(title for key, (title, _) in REPORT_SECTIONS.items() if key not in chosen) or "none")]
     save = lambda *more: runs.save_atomic("\n\n".join([*parts, *more]) + "\n", args.report)
-    # .ci/gpu's time limit (SIGTERM) stops the report, and the section's children with it (run_command)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # .ci/gpu's limit: stop, see below
     for title, measure in (REPORT_SECTIONS[key] for key in chosen):
         print(f"bench.py --report: {title}", flush=True)
         section_started = time.time()
         try:
             body = measure(args, device)
-        except (SystemExit, runs.Interrupted):  # the time limit (a run's stop flag turns it into Interrupted)
-            save(f"stopped by SIGTERM (the time limit) in: {title}")
-            raise SystemExit(128 + signal.SIGTERM) from None
+        except (KeyboardInterrupt, SystemExit, runs.Interrupted) as stop:  # .ci/gpu's time limit, or a Ctrl-C
+            code = getattr(stop, "exit_code", None) or getattr(stop, "code", None) or 128 + signal.SIGINT
+            save(f"stopped in: {title} (exit status {code})")
+            raise SystemExit(code) from None
         except Exception:
             body = f"**FAILED**:\n\n```\n{traceback.format_exc()[-3000:]}\n```"
         failed += [title] * body.startswith("**FAILED**")

@@ -108,7 +108,8 @@ def run_suite(given, out, ctx, resume, run_task):
     results = {}
     suite, plan = plan_suite(given, out, ctx, resume, os.path.abspath(DEFAULTS["data_dir"]))
     for folder, options, resume_from in plan:
-        results[os.path.basename(folder)] = run_task(options, folder, ctx, resume_from)
+        done = not resume_from and finished(folder, options.get("epochs"))  # finished, its checkpoint.pth deleted
+        results[os.path.basename(folder)] = done["result"] if done else run_task(options, folder, ctx, resume_from)
         if ctx.rank == 0:
             write_results(out, results, suite["model"], suite["method"])
     return results

@@ -52,9 +52,8 @@ def fmt_time(seconds):
 
 @dataclass
 class Context:
-    """Where this process runs: its device, the image-decoding workers it may start, its rank among `world`
-    processes, the CPU (gloo) group that carries stop requests and barriers under torchrun (None for one
-    process), and `log`: print on the first process, silent on the others."""
+    """Where this process runs: its device, the decoding workers it may start, its rank among `world` processes,
+    `control`: the gloo group for stop requests and barriers (None alone), `log`: print on the first process only."""
     device: torch.device
     workers: int
     rank: int = 0
@@ -237,10 +236,10 @@ def save_atomic(obj, path):
         raise UserError(f"could not write {path} ({getattr(e, 'strerror', None) or e}); what was there is intact") from None
 
 
-def read_saved(path, option, keys, what, mmap=False):
-    """A file train.py wrote, holding at least the entries `keys` (`what`: its kind; mmap: tensors read when used)."""
+def read_saved(path, option, keys, what):
+    """A file train.py wrote, holding at least the entries `keys`; `what` names the kind expected."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{option} {path}: no such file") from None
     except Exception:
@@ -360,17 +359,18 @@ def read_checkpoint(path, world):
 
 
 def finished(out, epochs=None):
-    """The record of the run in `out` (its adapters.pth config, written last) when it has finished: trained for
-    `epochs` (when given; more would extend it), not continued since (checkpoint.pth holds no more epochs), and
-    its folded.pth written unless it could not fold; else None."""
+    """The record of the run in `out` (its adapters.pth config, written last) if it has finished: trained for `epochs`
+    (if given), not continued since, and its folded.pth written unless it could not fold; else None."""
     adapters, checkpoint = os.path.join(out, "adapters.pth"), os.path.join(out, "checkpoint.pth")
     if not os.path.exists(adapters):
         return None
     record = read_saved(adapters, "--resume", ("config",), "an adapters.pth")["config"]
     folded = record.get("folded", record.get("swin_ffn_adapter") != "residual" or record["method"] != "arc")
-    saved = read_saved(checkpoint, "--resume", ("history",), "a checkpoint.pth", mmap=True)["history"] \
-        if os.path.exists(checkpoint) else []
-    if epochs is not None and record["epochs"] != epochs or len(saved) > record["epochs"]:
+    try:  # the epochs checkpoint.pth holds (0: deleted; more: continued since); unreadable: --resume reports it
+        saved = len(torch.load(checkpoint, mmap=True, weights_only=True)["history"]) if os.path.exists(checkpoint) else 0
+    except Exception:
+        return None
+    if epochs is not None and record["epochs"] != epochs or saved > record["epochs"]:
         return None
     return record if not folded or os.path.exists(os.path.join(out, "folded.pth")) else None
 

@@ -819,6 +819,10 @@ def test_an_unrecognised_model_or_wrong_targets_get_one_clear_error():
         arc.add_adapters(tiny_vit(num_classes=5), targets={"att": "blocks.*.attn.proj", "ffn": "blocks.*.mlp.fc1"})
     with pytest.raises(RuntimeError, match="tokens on meta and its shared W is on cpu.*nn.DataParallel"):
         arc.ARCAdapter(arc.SharedProjection(8, 2), feeds=None)(torch.zeros(1, 8, device="meta"))
+    model = randomize_arc(swin_tiny(arc="arc")).eval()  # the check is skipped while torch.fx traces (no devices)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(torch.fx.symbolic_trace(model)(images), model(images))
     with pytest.raises(ValueError, match="method must be one of"):
         arc.add_adapters(TimmStyleViT(), method="lora")
     with pytest.raises(ValueError, match="exists already"):
@@ -2002,6 +2006,10 @@ def test_a_run_is_finished_until_it_is_continued_and_when_it_folded_where_it_cou
     assert runs.finished(tmp_path)["epochs"] == 2
     runs.save_atomic({"config": {"weights": "none"}, "history": [{}] * 3}, str(tmp_path / "checkpoint.pth"))
     assert runs.finished(tmp_path) is None  # a checkpoint of a third epoch: it was continued since
+    (tmp_path / "checkpoint.pth").write_text("not a checkpoint")
+    assert runs.finished(tmp_path) is None  # unreadable: not finished, for --resume to say what is wrong with it
+    os.remove(tmp_path / "checkpoint.pth")
+    assert runs.finished(tmp_path)["epochs"] == 2  # deleted once the run finished
 
 
 def test_a_stop_says_how_many_epochs_since_the_last_checkpoint_will_run_again():
@@ -2175,6 +2183,9 @@ def test_a_suite_runs_its_tasks_resumes_and_reports_the_paper_s_means(tmp_path, 
     assert "paper" not in results  # vit_t16 is not the paper's model
     table = (out / "results.md").read_text()
     assert "| kitti |" in table and "**structured mean** (1 tasks)" in table and "selected on the test set" in table
+    os.remove(out / "dtd" / "checkpoint.pth")  # a finished task's checkpoint deleted (1 GB for full fine-tuning)
+    assert run_train("--resume", out, "--workers", "0") == 0
+    assert json.loads((out / "results.json").read_text()) == results
 
 
 def test_a_suite_with_missing_data_stops_before_training_with_one_line(tmp_path, capsys):
@@ -2658,7 +2669,7 @@ def test_a_report_stopped_by_its_time_limit_stops_there_and_keeps_what_it_measur
     process.communicate(timeout=60)
     text = path.read_text()
     assert process.returncode == 128 + signal.SIGTERM
-    assert text.endswith("stopped by SIGTERM (the time limit) in: The whole DTD-shaped run\n") and "## " not in text
+    assert text.endswith("stopped in: The whole DTD-shaped run (exit status 143)\n") and "## " not in text
 
 
 def test_ci_gpu_says_in_one_line_that_there_is_no_gpu(tmp_path):
