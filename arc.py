@@ -291,11 +291,16 @@ def _check_free(holder, holder_name, name):
         raise ValueError(f"cannot add {where}: a {type(holder).__name__} would treat it as one of its layers")
 
 
+def _has_slot(block, position):
+    """Whether `block`'s forward calls an adapter_<position> that is still empty (vit.py, swin.py)."""
+    return isinstance(getattr(block, f"adapter_{position}", None), nn.Identity)
+
+
 def _check_block(block, block_name, position, sites):
     """The block takes an adapter: into an empty slot, whose output goes where the block's forward sends it
     (its `adapter_feeds`, when it says, must be what targets names: else the fold would go elsewhere), or
     hooked onto layers that it can be folded into."""
-    if isinstance(getattr(block, f"adapter_{position}", None), nn.Identity):
+    if _has_slot(block, position):
         feeds = _listed(getattr(block, "adapter_feeds", {}).get(position, []))
         named = [name[len(block_name) + 1:] for _, _, name, _ in sites]
         if feeds and sorted(named) != sorted(feeds):
@@ -311,7 +316,7 @@ def _attach(model, block, position, down_proj, sites, dropout):
     """One adapter for `block`: into its adapter_<position> slot, or hooked onto the modules it feeds. It takes
     W's device and dtype, and the model's mode (its dropout off in eval)."""
     layers = [layer for _, layer, _, _ in sites]
-    slot = isinstance(getattr(block, f"adapter_{position}", None), nn.Identity)
+    slot = _has_slot(block, position)
     # in a slot, the block's forward calls it; it may feed a norm there (swin.py's residual option): not foldable
     foldable = not slot or all(isinstance(layer, (nn.Linear, nn.MultiheadAttention)) for layer in layers)
     adapter = ARCAdapter(down_proj, layers if foldable else None, dropout, identity_init=position == "att")

@@ -35,10 +35,9 @@ CONFIGS = {  # name -> width of the first stage, blocks per stage, heads per sta
     "swin_t": (96, (2, 2, 6, 2), (3, 6, 12, 24)), "swin_s": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
     "swin_b": (128, (2, 2, 18, 2), (4, 8, 16, 32)), "swin_l": (192, (2, 2, 18, 2), (6, 12, 24, 48)),
 }
-# What each block's adapters feed, for each place of the FFN-side adapter: in front of fc1 (foldable), or
+# What a block's adapter slots feed, for each place of the FFN-side adapter: in front of fc1 (foldable), or
 # on the residual stream, in front of norm2 and the skip path (the official ARC Swin's, not foldable)
-TARGETS = {"norm2": {"att": "layers.*.blocks.*.attn.qkv", "ffn": "layers.*.blocks.*.mlp.fc1"},
-           "residual": {"att": "layers.*.blocks.*.attn.qkv", "ffn": "layers.*.blocks.*.norm2"}}
+FEEDS = {"norm2": {"att": "attn.qkv", "ffn": "mlp.fc1"}, "residual": {"att": "attn.qkv", "ffn": "norm2"}}
 # Pre-trained on ImageNet-22k, then fine-tuned on ImageNet-1k (Microsoft's model zoo): what the official ARC
 # Swin code's `pretrained=True` loads (its default_cfgs name the 22kto1k file), though the paper's text
 # suggests the 22k-only files. Those (e.g. .../v1.0.0/swin_base_patch4_window7_224_22k.pth) still load by
@@ -157,7 +156,7 @@ class Block(nn.Module):
         self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, 4 * dim)
         self.drop_path = DropPath(drop_path)  # stochastic depth, one rate for both residual branches
         self.adapter_att, self.adapter_ffn = nn.Identity(), nn.Identity()
-        self.adapter_feeds = {"att": "attn.qkv", "ffn": "norm2" if ffn_adapter == "residual" else "mlp.fc1"}
+        self.adapter_feeds = FEEDS[ffn_adapter]
         self.register_buffer("attn_mask", shift_mask(resolution, window, shift) if shift else None,
                              persistent=False)
 
@@ -218,7 +217,7 @@ class SwinTransformer(nn.Module):
         super().__init__()
         if arc not in (None, "arc", "arc_att"):
             raise ValueError(f"arc must be None, 'arc' or 'arc_att', not {arc!r}")
-        if ffn_adapter not in TARGETS:
+        if ffn_adapter not in FEEDS:
             raise ValueError(f"ffn_adapter must be 'norm2' (foldable) or 'residual' (the official ARC Swin's), "
                              f"not {ffn_adapter!r}")
         if ffn_adapter == "residual" and not arc:  # else arc.add_adapters would later feed its adapter to fc1
@@ -250,7 +249,8 @@ class SwinTransformer(nn.Module):
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
         if arc:  # one W per stage, as the stages' widths differ
-            add_adapters(self, rank, arc, adapter_dropout, TARGETS[ffn_adapter])
+            targets = {position: f"layers.*.blocks.*.{layer}" for position, layer in FEEDS[ffn_adapter].items()}
+            add_adapters(self, rank, arc, adapter_dropout, targets)
 
     def forward(self, images):
         x = self.patch_embed.norm(self.patch_embed.proj(images).flatten(2).transpose(1, 2))

@@ -42,7 +42,7 @@ URLS = {
     "vit_l16": "https://storage.googleapis.com/vit_models/imagenet21k/ViT-L_16.npz",
     "vit_h14": "https://storage.googleapis.com/vit_models/imagenet21k/ViT-H_14.npz",
 }
-TARGETS = {"att": "blocks.*.attn.qkv", "ffn": "blocks.*.mlp.fc1"}  # what each block's adapters feed
+FEEDS = {"att": "attn.qkv", "ffn": "mlp.fc1"}  # what a block's adapter slots feed: where ARC folds
 
 
 class Attention(nn.Module):
@@ -77,7 +77,7 @@ class Block(nn.Module):
         self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
         self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, mlp_dim, dropout)
         self.adapter_att, self.adapter_ffn = nn.Identity(), nn.Identity()  # slots that arc.add_adapters fills
-        self.adapter_feeds = {"att": "attn.qkv", "ffn": "mlp.fc1"}  # what forward sends their output to
+        self.adapter_feeds = FEEDS  # what forward sends their output to
 
     def forward(self, x):
         x = x + self.attn(self.adapter_att(self.norm1(x)))
@@ -107,7 +107,8 @@ class VisionTransformer(nn.Module):
         nn.init.zeros_(self.head.weight)  # as the official recipe: the new task starts from zero logits
         nn.init.zeros_(self.head.bias)
         if arc:
-            add_adapters(self, rank, arc, adapter_dropout, TARGETS)
+            targets = {position: f"blocks.*.{layer}" for position, layer in FEEDS.items()}
+            add_adapters(self, rank, arc, adapter_dropout, targets)
 
     def forward(self, images):
         x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
