@@ -31,29 +31,53 @@ add_adapters recognises the families in LAYOUTS; for any other model name, per p
 layers that the normed tokens feed: add_adapters(model, targets={"att": "blocks.*.attn.qkv",
 "ffn": "blocks.*.mlp.fc1"}) (see add_adapters).
 """
+
 import re
 
 import torch
 import torch.nn as nn
 
 METHODS = {"arc": ("att", "ffn"), "arc_att": ("att",)}  # method -> adapter positions
-HEADS = ("head", "heads", "classifier")  # what timm, vit.py, swin.py; torchvision's ViT; transformers call it
+HEADS = (
+    "head",
+    "heads",
+    "classifier",
+)  # what timm, vit.py, swin.py; torchvision's ViT; transformers call it
 
 # Where each family's pre-norm blocks send their normed tokens: position -> the modules an adapter feeds.
 # '*' stands for one part of a module's name; a pattern may follow any prefix (transformers' "vit.").
 # "a:b" names a module a whose input the adapter transforms, and its linear layer b that a applies to it
 # with F.linear, so that b's own forward (and a hook on it) never runs.
 LAYOUTS = {
-    "timm SwinTransformer, swin.py": {"att": "layers.*.blocks.*.attn.qkv", "ffn": "layers.*.blocks.*.mlp.fc1"},
-    "timm VisionTransformer (ViT, DeiT, DINOv2, CLIP), vit.py": {"att": "blocks.*.attn.qkv", "ffn": "blocks.*.mlp.fc1"},
-    "torchvision VisionTransformer": {"att": "encoder.layers.*.self_attention", "ffn": "encoder.layers.*.mlp.0"},
+    "timm SwinTransformer, swin.py": {
+        "att": "layers.*.blocks.*.attn.qkv",
+        "ffn": "layers.*.blocks.*.mlp.fc1",
+    },
+    "timm VisionTransformer (ViT, DeiT, DINOv2, CLIP), vit.py": {
+        "att": "blocks.*.attn.qkv",
+        "ffn": "blocks.*.mlp.fc1",
+    },
+    "torchvision VisionTransformer": {
+        "att": "encoder.layers.*.self_attention",
+        "ffn": "encoder.layers.*.mlp.0",
+    },
     "torchvision SwinTransformer": {"att": "features.*.*.attn:qkv", "ffn": "features.*.*.mlp.0"},
-    "transformers ViT": {"att": ["layers.*.attention.q_proj", "layers.*.attention.k_proj", "layers.*.attention.v_proj"],
-                         "ffn": "layers.*.mlp.fc1"},
-    "transformers ViT 4.x": {"att": ["encoder.layer.*.attention.attention.query",
-                                     "encoder.layer.*.attention.attention.key",
-                                     "encoder.layer.*.attention.attention.value"],
-                             "ffn": "encoder.layer.*.intermediate.dense"},
+    "transformers ViT": {
+        "att": [
+            "layers.*.attention.q_proj",
+            "layers.*.attention.k_proj",
+            "layers.*.attention.v_proj",
+        ],
+        "ffn": "layers.*.mlp.fc1",
+    },
+    "transformers ViT 4.x": {
+        "att": [
+            "encoder.layer.*.attention.attention.query",
+            "encoder.layer.*.attention.attention.key",
+            "encoder.layer.*.attention.attention.value",
+        ],
+        "ffn": "encoder.layer.*.intermediate.dense",
+    },
 }
 
 
@@ -80,7 +104,9 @@ class ARCAdapter(nn.Module):
         self._down_proj = (down_proj,)  # a tuple hides it from parameters() and state_dict()
         self.feeds = None if feeds is None else tuple(feeds)
         self.scale = nn.Parameter(torch.zeros(rank))  # c_l
-        self.bias = nn.Parameter(torch.zeros(dim))  # b_l: zero, so that only c_l shapes the adapter at first
+        self.bias = nn.Parameter(
+            torch.zeros(dim)
+        )  # b_l: zero, so that only c_l shapes the adapter at first
         self.dropout = nn.Dropout(dropout)
         if not identity_init:
             # the official FFN side: c_l xavier-uniform, as a (1, r) matrix. With every c_l at zero the gradient
@@ -98,9 +124,11 @@ class ARCAdapter(nn.Module):
         down_proj = self.down_proj
         # W is shared by reference: nn.DataParallel's replicas never copy it (h is no tensor while torch.fx traces)
         if isinstance(h, torch.Tensor) and h.device != down_proj.device:
-            raise RuntimeError(f"ARC's adapter got tokens on {h.device} and its shared W is on {down_proj.device}: "
-                               f"a model replicated by nn.DataParallel, or split over devices, is not supported; "
-                               f"run one device per process (DistributedDataParallel, torchrun)")
+            raise RuntimeError(
+                f"ARC's adapter got tokens on {h.device} and its shared W is on {down_proj.device}: "
+                f"a model replicated by nn.DataParallel, or split over devices, is not supported; "
+                f"run one device per process (DistributedDataParallel, torchrun)"
+            )
         return h + self.dropout((h @ down_proj) * self.scale) @ down_proj.T + self.bias
 
     def _adapt_input(self, module, args, kwargs):
@@ -127,7 +155,8 @@ class ARCAdapter(nn.Module):
             raise RuntimeError(
                 f"ARC's adapter for {', '.join(self._sites)} was never called in {type(model).__name__}'s forward: "
                 f"those layers were not called, though the model may use their weights with F.linear. Then name the "
-                f"module that receives the tokens and the layer it applies, as 'module:linear', in targets")
+                f"module that receives the tokens and the layer it applies, as 'module:linear', in targets"
+            )
 
 
 def _check_windows(attention, tokens):
@@ -135,9 +164,11 @@ def _check_windows(attention, tokens):
     padding, zeros before folding, would be the adapter's bias after it. Refused, rather than fold inexactly."""
     height, width = tokens.shape[1:3]
     if height % attention.window_size[0] or width % attention.window_size[1]:
-        raise ValueError(f"a {height}x{width} map does not split into {attention.window_size[0]}x"
-                         f"{attention.window_size[1]} windows: torchvision's Swin would pad it, and the folded model "
-                         f"would differ from the adapted one. Use an image size whose maps the windows divide (224)")
+        raise ValueError(
+            f"a {height}x{width} map does not split into {attention.window_size[0]}x"
+            f"{attention.window_size[1]} windows: torchvision's Swin would pad it, and the folded model "
+            f"would differ from the adapted one. Use an image size whose maps the windows divide (224)"
+        )
 
 
 def is_arc(module):
@@ -162,7 +193,9 @@ def add_adapters(model, rank=50, method="arc", dropout=0.1, targets=None):
         raise ValueError(f"method must be one of {list(METHODS)}, not {method!r}")
     targets = recognise(model) if targets is None else targets
     if not set(METHODS[method]) <= set(targets):
-        raise ValueError(f"method {method!r} needs targets for {METHODS[method]}, got {sorted(targets)}")
+        raise ValueError(
+            f"method {method!r} needs targets for {METHODS[method]}, got {sorted(targets)}"
+        )
     modules = dict(model.named_modules())
     plan = []  # (position, its W's owner and name, width, a tensor to match, {block: sites}): all checked first
     for position in METHODS[method]:
@@ -172,11 +205,20 @@ def add_adapters(model, rank=50, method="arc", dropout=0.1, targets=None):
             by_width.setdefault(_width(sites, block), {})[block] = sites
         owners = {width: _owner(modules, list(blocks)) for width, blocks in by_width.items()}
         for width, blocks in by_width.items():
-            name = f"down_proj_{position}" + f"_{width}" * (list(owners.values()).count(owners[width]) > 1)
+            name = f"down_proj_{position}" + f"_{width}" * (
+                list(owners.values()).count(owners[width]) > 1
+            )
             _check_free(modules[owners[width]], owners[width], name)
             # the new tensors go where the layers they feed are, in their dtype
-            like = next((p for sites in blocks.values() for _, layer, _, _ in sites for p in layer.parameters()),
-                        next(model.parameters(), torch.empty(0)))
+            like = next(
+                (
+                    p
+                    for sites in blocks.values()
+                    for _, layer, _, _ in sites
+                    for p in layer.parameters()
+                ),
+                next(model.parameters(), torch.empty(0)),
+            )
             plan.append((position, owners[width], name, width, like, blocks))
     for position, owner, name, width, like, blocks in plan:
         down_proj = SharedProjection(width, rank).to(like.device, like.dtype)
@@ -190,12 +232,16 @@ def recognise(model):
     """The targets of the first family in LAYOUTS whose every pattern names a module of `model`."""
     names = [name for name, _ in model.named_modules()]
     for layout in LAYOUTS.values():
-        patterns = [_regex(p.partition(":")[0]) for listed in layout.values() for p in _listed(listed)]
+        patterns = [
+            _regex(p.partition(":")[0]) for listed in layout.values() for p in _listed(listed)
+        ]
         if all(any(regex.fullmatch(name) for name in names) for regex in patterns):
             return layout
-    raise ValueError(f"add_adapters does not recognise {type(model).__name__}: looked for the module names of "
-                     f"{'; '.join(LAYOUTS)}. Name the layers its normed tokens feed, for example add_adapters(model, "
-                     f"targets={{'att': 'blocks.*.attn.qkv', 'ffn': 'blocks.*.mlp.fc1'}})")
+    raise ValueError(
+        f"add_adapters does not recognise {type(model).__name__}: looked for the module names of "
+        f"{'; '.join(LAYOUTS)}. Name the layers its normed tokens feed, for example add_adapters(model, "
+        f"targets={{'att': 'blocks.*.attn.qkv', 'ffn': 'blocks.*.mlp.fc1'}})"
+    )
 
 
 def _listed(patterns):
@@ -204,8 +250,10 @@ def _listed(patterns):
 
 def _regex(pattern):
     """A module-name pattern as a regex over full names: any prefix, then the parts, '*' being any one part."""
-    return re.compile(r"(?:.*\.)?" + r"\.".join(r"[^.]+" if part == "*" else re.escape(part)
-                                                 for part in pattern.split(".")))
+    return re.compile(
+        r"(?:.*\.)?"
+        + r"\.".join(r"[^.]+" if part == "*" else re.escape(part) for part in pattern.split("."))
+    )
 
 
 def _blocks(model, modules, patterns, position):
@@ -221,12 +269,16 @@ def _blocks(model, modules, patterns, position):
         for name, module in modules.items():
             if name and regex.fullmatch(name):
                 name_parts = name.split(".")
-                block = ".".join(name_parts[:len(name_parts) - len(parts) + last_star + 1])
+                block = ".".join(name_parts[: len(name_parts) - len(parts) + last_star + 1])
                 layer = module.get_submodule(linear) if linear else module
                 parent = module if linear else modules[name.rpartition(".")[0]]
-                blocks.setdefault(block, []).append((module, layer, f"{name}.{linear}" if linear else name, parent))
+                blocks.setdefault(block, []).append(
+                    (module, layer, f"{name}.{linear}" if linear else name, parent)
+                )
     if not blocks:
-        raise ValueError(f"targets[{position!r}] = {patterns!r} names no module of {type(model).__name__}")
+        raise ValueError(
+            f"targets[{position!r}] = {patterns!r} names no module of {type(model).__name__}"
+        )
     return blocks
 
 
@@ -240,20 +292,32 @@ def _weight_and_bias(layer):
 
 def _check_foldable(name, layer, parent):
     if not isinstance(layer, (nn.Linear, nn.MultiheadAttention)):
-        raise ValueError(f"{name} is a {type(layer).__name__}: ARC adapters feed, and fold into, nn.Linear or "
-                         f"nn.MultiheadAttention layers; name those in targets")
+        raise ValueError(
+            f"{name} is a {type(layer).__name__}: ARC adapters feed, and fold into, nn.Linear or "
+            f"nn.MultiheadAttention layers; name those in targets"
+        )
     if getattr(parent, "logit_scale", None) is not None:
-        raise ValueError(f"{name}: its attention is cosine attention with a learned logit scale (a Swin V2's), which "
-                         f"normalises q and k (and in torchvision zeroes k's bias): ARC's bias would not fold. Not "
-                         f"supported")
+        raise ValueError(
+            f"{name}: its attention is cosine attention with a learned logit scale (a Swin V2's), which "
+            f"normalises q and k (and in torchvision zeroes k's bias): ARC's bias would not fold. Not "
+            f"supported"
+        )
     weight, bias = _weight_and_bias(layer)
     if weight is None:
-        raise ValueError(f"{name} keeps q, k and v in separate weights (kdim or vdim set): not supported")
+        raise ValueError(
+            f"{name} keeps q, k and v in separate weights (kdim or vdim set): not supported"
+        )
     if bias is None:
-        why = (" (its parent adds q and v biases itself, in F.linear, as timm's EVA and BEiT do: they are not "
-               "supported)" if getattr(parent, "q_bias", None) is not None else "")
-        raise ValueError(f"{name} has no bias, so ARC's b_l could only be folded into it by adding a tensor the "
-                         f"model does not have{why}")
+        why = (
+            " (its parent adds q and v biases itself, in F.linear, as timm's EVA and BEiT do: they are not "
+            "supported)"
+            if getattr(parent, "q_bias", None) is not None
+            else ""
+        )
+        raise ValueError(
+            f"{name} has no bias, so ARC's b_l could only be folded into it by adding a tensor the "
+            f"model does not have{why}"
+        )
 
 
 def _width(sites, block):
@@ -261,22 +325,39 @@ def _width(sites, block):
     widths = set()
     for _, layer, name, _ in sites:
         if isinstance(layer, (nn.Linear, nn.MultiheadAttention, nn.LayerNorm)):
-            widths.add(layer.in_features if isinstance(layer, nn.Linear) else layer.embed_dim
-                       if isinstance(layer, nn.MultiheadAttention) else layer.normalized_shape[-1])
+            widths.add(
+                layer.in_features
+                if isinstance(layer, nn.Linear)
+                else layer.embed_dim
+                if isinstance(layer, nn.MultiheadAttention)
+                else layer.normalized_shape[-1]
+            )
         else:
-            raise ValueError(f"{name} is a {type(layer).__name__}: an adapter feeds a linear layer or a norm")
+            raise ValueError(
+                f"{name} is a {type(layer).__name__}: an adapter feeds a linear layer or a norm"
+            )
     if len(widths) != 1:
-        raise ValueError(f"the layers of {block} that one adapter feeds take different widths {sorted(widths)}")
+        raise ValueError(
+            f"the layers of {block} that one adapter feeds take different widths {sorted(widths)}"
+        )
     return widths.pop()
 
 
-CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)  # their forward, or their users, iterate every child
+CONTAINERS = (
+    nn.ModuleList,
+    nn.Sequential,
+    nn.ModuleDict,
+)  # their forward, or their users, iterate every child
 
 
 def _owner(modules, blocks):
     """The closest module holding every block: their longest common name, less any container."""
     split = [block.split(".") for block in blocks]
-    parts = split[0][:next((i for i, part in enumerate(zip(*split)) if len(set(part)) > 1), min(map(len, split)))]
+    parts = split[0][
+        : next(
+            (i for i, part in enumerate(zip(*split)) if len(set(part)) > 1), min(map(len, split))
+        )
+    ]
     while parts and isinstance(modules[".".join(parts)], CONTAINERS):
         parts = parts[:-1]
     return ".".join(parts)
@@ -286,9 +367,13 @@ def _check_free(holder, holder_name, name):
     """`holder` can take a new child `name`: not a container, and the name unused."""
     where = f"{holder_name}.{name}" if holder_name else name
     if hasattr(holder, name):
-        raise ValueError(f"cannot add {where}: it exists already (does the model have ARC adapters?)")
+        raise ValueError(
+            f"cannot add {where}: it exists already (does the model have ARC adapters?)"
+        )
     if isinstance(holder, CONTAINERS):
-        raise ValueError(f"cannot add {where}: a {type(holder).__name__} would treat it as one of its layers")
+        raise ValueError(
+            f"cannot add {where}: a {type(holder).__name__} would treat it as one of its layers"
+        )
 
 
 def _has_slot(block, position):
@@ -302,10 +387,12 @@ def _check_block(block, block_name, position, sites):
     hooked onto layers that it can be folded into."""
     if _has_slot(block, position):
         feeds = _listed(getattr(block, "adapter_feeds", {}).get(position, []))
-        named = [name[len(block_name) + 1:] for _, _, name, _ in sites]
+        named = [name[len(block_name) + 1 :] for _, _, name, _ in sites]
         if feeds and sorted(named) != sorted(feeds):
-            raise ValueError(f"{block_name}.adapter_{position} is a slot whose output feeds {', '.join(feeds)}, not "
-                             f"{', '.join(named)}: targets[{position!r}] must name what it feeds (or leave targets out)")
+            raise ValueError(
+                f"{block_name}.adapter_{position} is a slot whose output feeds {', '.join(feeds)}, not "
+                f"{', '.join(named)}: targets[{position!r}] must name what it feeds (or leave targets out)"
+            )
         return
     _check_free(block, block_name, f"adapter_{position}")
     for _, layer, name, parent in sites:
@@ -318,16 +405,22 @@ def _attach(model, block, position, down_proj, sites, dropout):
     layers = [layer for _, layer, _, _ in sites]
     slot = _has_slot(block, position)
     # in a slot, the block's forward calls it; it may feed a norm there (swin.py's residual option): not foldable
-    foldable = not slot or all(isinstance(layer, (nn.Linear, nn.MultiheadAttention)) for layer in layers)
-    adapter = ARCAdapter(down_proj, layers if foldable else None, dropout, identity_init=position == "att")
+    foldable = not slot or all(
+        isinstance(layer, (nn.Linear, nn.MultiheadAttention)) for layer in layers
+    )
+    adapter = ARCAdapter(
+        down_proj, layers if foldable else None, dropout, identity_init=position == "att"
+    )
     adapter.to(down_proj.weight.device, down_proj.weight.dtype).train(model.training)
     if slot:
         setattr(block, f"adapter_{position}", adapter)
         return
     block.add_module(f"adapter_{position}", adapter)
     adapter._sites = [layer_name for _, _, layer_name, _ in sites]
-    adapter._handles = [hooked.register_forward_pre_hook(adapter._adapt_input, with_kwargs=True)
-                        for hooked, _, _, _ in sites] + [model.register_forward_hook(adapter._check_called)]
+    adapter._handles = [
+        hooked.register_forward_pre_hook(adapter._adapt_input, with_kwargs=True)
+        for hooked, _, _, _ in sites
+    ] + [model.register_forward_hook(adapter._check_called)]
 
 
 @torch.no_grad()
@@ -347,11 +440,15 @@ def reparameterize(model):
 
     The model keeps its class, its modules and exactly its original state_dict() keys (it loads strict=True
     into the model built without ARC), and in eval mode its outputs are the adapted model's."""
-    adapters = [(name, module) for name, module in model.named_modules() if isinstance(module, ARCAdapter)]
+    adapters = [
+        (name, module) for name, module in model.named_modules() if isinstance(module, ARCAdapter)
+    ]
     unfoldable = [name for name, adapter in adapters if adapter.feeds is None]
     if unfoldable:
-        raise ValueError(f"{unfoldable[0]} ({len(unfoldable)} adapters) transforms the input of a norm, and with it "
-                         f"the residual stream (the official ARC Swin's FFN side): no weight can absorb it")
+        raise ValueError(
+            f"{unfoldable[0]} ({len(unfoldable)} adapters) transforms the input of a norm, and with it "
+            f"the residual stream (the official ARC Swin's FFN side): no weight can absorb it"
+        )
     for name, adapter in adapters:
         for layer in adapter.feeds:
             fold(adapter, layer)
@@ -375,8 +472,10 @@ def _head(model, head):
     if head == "auto":
         head = next((name for name in HEADS if name in names), None)
         if head is None:
-            raise ValueError(f"{type(model).__name__} has no module named {', '.join(HEADS)}: pass head=<the name of "
-                             f"its classifier head>, or head=None to train the adapters alone")
+            raise ValueError(
+                f"{type(model).__name__} has no module named {', '.join(HEADS)}: pass head=<the name of "
+                f"its classifier head>, or head=None to train the adapters alone"
+            )
     elif head is not None and head not in names:
         raise ValueError(f"{type(model).__name__} has no module {head!r} to train as its head")
     return head
@@ -386,7 +485,8 @@ def arc_state_dict(model, head="auto"):
     """The tensors ARC trains: every adapter and shared W, and the classifier head (see mark_trainable)."""
     head = _head(model, head)
     prefixes = tuple(f"{name}." for name, module in model.named_modules() if is_arc(module)) + (
-        (f"{head}.",) if head is not None else ())
+        (f"{head}.",) if head is not None else ()
+    )
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(prefixes)}
 
 
@@ -403,12 +503,20 @@ def mark_trainable(model, head="auto"):
 def load_arc_state_dict(model, state_dict, head="auto"):
     """Load an arc_state_dict() into `model` (its frozen weights already loaded); names must match exactly."""
     expected = arc_state_dict(model, head)
-    missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
-    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if k in state_dict and state_dict[k].shape != v.shape]
+    missing, unexpected = (
+        sorted(expected.keys() - state_dict.keys()),
+        sorted(state_dict.keys() - expected.keys()),
+    )
+    wrong = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
     if missing or unexpected or wrong:
-        raise ValueError(f"adapter checkpoint does not fit this model: missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}, shapes (file vs model) {wrong[:3]} (saved from another model, method or "
-                         f"rank?)")
+        raise ValueError(
+            f"adapter checkpoint does not fit this model: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}, shapes (file vs model) {wrong[:3]} (saved from another model, method or "
+            f"rank?)"
+        )
     model.load_state_dict(state_dict, strict=False)
     return model

@@ -10,6 +10,7 @@ the paper's.
 The recipes are what the official scripts ran (ARC.md sections 3 and 7), also where that differs from the
 paper's text: the README says where.
 """
+
 import json
 import os
 from types import SimpleNamespace
@@ -20,7 +21,9 @@ import data
 from runs import UserError, check_out, finished, flag, fmt_time, save_atomic
 
 # vtab_ARC_train.py on the ViT: VTAB-1k, and image folders and synthetic data
-VTAB_RECIPE = dict(lr=1e-2, weight_decay=0.0, warmup_epochs=10, adapter_dropout=0.1, vit_dropout=0.0, drop_path=0.0)
+VTAB_RECIPE = dict(
+    lr=1e-2, weight_decay=0.0, warmup_epochs=10, adapter_dropout=0.1, vit_dropout=0.0, drop_path=0.0
+)
 FGVC_RECIPES = {  # FGVC_ARC_train.py, the authors' settings per dataset
     "cub": dict(lr=1e-3, weight_decay=0.05, adapter_dropout=0.1, vit_dropout=0.1),
     "nabirds": dict(lr=2e-4, weight_decay=0.05, adapter_dropout=0.1, vit_dropout=0.1),
@@ -32,11 +35,25 @@ FGVC_RECIPES = {  # FGVC_ARC_train.py, the authors' settings per dataset
 # in every run, as the per-task 'a_drop' it prints never reaches the model. Its lr and weight decay per task:
 SWIN_RECIPE = dict(adapter_dropout=0.5, drop_path=0.1)
 SWIN_VTAB = {
-    "cifar": (5e-3, 1e-2), "caltech101": (3e-3, 5e-2), "dtd": (5e-3, 5e-2), "oxford_flowers102": (5e-3, 5e-5),
-    "oxford_iiit_pet": (1e-2, 5e-2), "svhn": (1e-2, 5e-2), "sun397": (5e-3, 5e-5), "patch_camelyon": (5e-3, 5e-5),
-    "eurosat": (3e-3, 0.0), "resisc45": (1e-2, 0.0), "diabetic_retinopathy": (5e-3, 5e-5), "clevr_count": (2e-3, 5e-2),
-    "clevr_dist": (1e-3, 5e-2), "dmlab": (5e-3, 1e-2), "kitti": (1e-2, 0.0), "dsprites_loc": (1e-2, 0.0),
-    "dsprites_ori": (5e-3, 0.0), "smallnorb_azi": (1e-2, 5e-3), "smallnorb_ele": (1e-3, 5e-2),
+    "cifar": (5e-3, 1e-2),
+    "caltech101": (3e-3, 5e-2),
+    "dtd": (5e-3, 5e-2),
+    "oxford_flowers102": (5e-3, 5e-5),
+    "oxford_iiit_pet": (1e-2, 5e-2),
+    "svhn": (1e-2, 5e-2),
+    "sun397": (5e-3, 5e-5),
+    "patch_camelyon": (5e-3, 5e-5),
+    "eurosat": (3e-3, 0.0),
+    "resisc45": (1e-2, 0.0),
+    "diabetic_retinopathy": (5e-3, 5e-5),
+    "clevr_count": (2e-3, 5e-2),
+    "clevr_dist": (1e-3, 5e-2),
+    "dmlab": (5e-3, 1e-2),
+    "kitti": (1e-2, 0.0),
+    "dsprites_loc": (1e-2, 0.0),
+    "dsprites_ori": (5e-3, 0.0),
+    "smallnorb_azi": (1e-2, 5e-3),
+    "smallnorb_ele": (1e-3, 5e-2),
 }
 RECIPE_KEYS = tuple(VTAB_RECIPE)
 
@@ -45,17 +62,43 @@ def recipe(task, model):
     """(name, settings) of the authors' recipe for `task` on `model`: values for every key of RECIPE_KEYS."""
     if model.startswith("swin"):
         lr, weight_decay = SWIN_VTAB.get(task, (VTAB_RECIPE["lr"], VTAB_RECIPE["weight_decay"]))
-        name = "Swin VTAB-1k" if task in SWIN_VTAB else f"Swin (no official {task} run: VTAB-1k's lr and weight decay)"
-        return f"{name} (train_ARC_swin.py)", {**VTAB_RECIPE, **SWIN_RECIPE, "lr": lr, "weight_decay": weight_decay}
+        name = (
+            "Swin VTAB-1k"
+            if task in SWIN_VTAB
+            else f"Swin (no official {task} run: VTAB-1k's lr and weight decay)"
+        )
+        return f"{name} (train_ARC_swin.py)", {
+            **VTAB_RECIPE,
+            **SWIN_RECIPE,
+            "lr": lr,
+            "weight_decay": weight_decay,
+        }
     if task in FGVC_RECIPES:
         return f"FGVC {task} (FGVC_ARC_train.py)", {**VTAB_RECIPE, **FGVC_RECIPES[task]}
     return "VTAB-1k (vtab_ARC_train.py)", dict(VTAB_RECIPE)
 
 
 # The settings of a run (train.py's options) when neither the command line, the run resumed nor a recipe gives them
-DEFAULTS = dict(data="dtd", data_dir="./data", model="vit_b16", weights="auto", method="arc", rank=50, batch_size=32,
-                epochs=100, img_size=224, seed=42, eval_every=10, swin_ffn_adapter="norm2", **VTAB_RECIPE)
-ONLY_FOR = {"vit_dropout": "vit", "drop_path": "swin", "swin_ffn_adapter": "swin"}  # options of one family
+DEFAULTS = dict(
+    data="dtd",
+    data_dir="./data",
+    model="vit_b16",
+    weights="auto",
+    method="arc",
+    rank=50,
+    batch_size=32,
+    epochs=100,
+    img_size=224,
+    seed=42,
+    eval_every=10,
+    swin_ffn_adapter="norm2",
+    **VTAB_RECIPE,
+)
+ONLY_FOR = {
+    "vit_dropout": "vit",
+    "drop_path": "swin",
+    "swin_ffn_adapter": "swin",
+}  # options of one family
 
 
 def settings(given, saved=None):
@@ -65,28 +108,61 @@ def settings(given, saved=None):
     recipe_name, recipe_values = recipe(first("data"), first("model"))
     cfg, sources = {}, {}
     for key in DEFAULTS:
-        cfg[key], sources[key] = next((values[key], source) for source, values in (
-            ("command line", given), ("run", saved or {}), ("recipe", recipe_values), ("default", DEFAULTS))
-            if key in values)
+        cfg[key], sources[key] = next(
+            (values[key], source)
+            for source, values in (
+                ("command line", given),
+                ("run", saved or {}),
+                ("recipe", recipe_values),
+                ("default", DEFAULTS),
+            )
+            if key in values
+        )
     for key, family in ONLY_FOR.items():
         if not cfg["model"].startswith(family):
             if given.get(key):
-                raise UserError(f"{flag(key)} does not apply to {cfg['model']}: --vit-dropout is for ViTs, "
-                                f"--drop-path and --swin-ffn-adapter for Swin")
+                raise UserError(
+                    f"{flag(key)} does not apply to {cfg['model']}: --vit-dropout is for ViTs, "
+                    f"--drop-path and --swin-ffn-adapter for Swin"
+                )
             cfg[key], sources[key] = DEFAULTS[key] if key == "swin_ffn_adapter" else 0.0, "n/a"
     if 0 < cfg["epochs"] <= cfg["warmup_epochs"] and sources["warmup_epochs"] != "run":
         if sources["warmup_epochs"] == "command line":
-            raise UserError(f"--warmup-epochs {cfg['warmup_epochs']} must be less than --epochs {cfg['epochs']}, "
-                            f"or the learning rate never decays")
-        cfg["warmup_epochs"], sources["warmup_epochs"] = cfg["epochs"] // 10, "shortened to a tenth of --epochs"
+            raise UserError(
+                f"--warmup-epochs {cfg['warmup_epochs']} must be less than --epochs {cfg['epochs']}, "
+                f"or the learning rate never decays"
+            )
+        cfg["warmup_epochs"], sources["warmup_epochs"] = (
+            cfg["epochs"] // 10,
+            "shortened to a tenth of --epochs",
+        )
     return SimpleNamespace(**cfg), sources, recipe_name
 
 
 ACCURACY = {  # the ARC paper's ViT-B/16 top-1 accuracies (ARC.md section 4), shown beside vit_b16 arc results
-    "cifar": 72.2, "caltech101": 90.1, "dtd": 72.7, "oxford_flowers102": 99.0, "oxford_iiit_pet": 91.0, "svhn": 91.9,
-    "sun397": 54.4, "patch_camelyon": 84.9, "eurosat": 95.7, "resisc45": 86.7, "diabetic_retinopathy": 75.8,
-    "clevr_count": 80.7, "clevr_dist": 67.1, "dmlab": 48.7, "kitti": 81.6, "dsprites_loc": 79.2, "dsprites_ori": 51.0,
-    "smallnorb_azi": 31.4, "smallnorb_ele": 39.9, "cub": 88.5, "nabirds": 85.3, "flowers": 99.3, "dogs": 91.9,
+    "cifar": 72.2,
+    "caltech101": 90.1,
+    "dtd": 72.7,
+    "oxford_flowers102": 99.0,
+    "oxford_iiit_pet": 91.0,
+    "svhn": 91.9,
+    "sun397": 54.4,
+    "patch_camelyon": 84.9,
+    "eurosat": 95.7,
+    "resisc45": 86.7,
+    "diabetic_retinopathy": 75.8,
+    "clevr_count": 80.7,
+    "clevr_dist": 67.1,
+    "dmlab": 48.7,
+    "kitti": 81.6,
+    "dsprites_loc": 79.2,
+    "dsprites_ori": 51.0,
+    "smallnorb_azi": 31.4,
+    "smallnorb_ele": 39.9,
+    "cub": 88.5,
+    "nabirds": 85.3,
+    "flowers": 99.3,
+    "dogs": 91.9,
     "cars": 85.7,
 }
 
@@ -97,7 +173,9 @@ ACCURACY = {  # the ARC paper's ViT-B/16 top-1 accuracies (ARC.md section 4), sh
 
 def suite_tasks(name):
     """The tasks of a suite (vtab-1k, fgvc) or of a comma-separated list; None for a single task."""
-    return data.SUITES.get(name) or ([t.strip() for t in name.split(",") if t.strip()] if "," in name else None)
+    return data.SUITES.get(name) or (
+        [t.strip() for t in name.split(",") if t.strip()] if "," in name else None
+    )
 
 
 def run_suite(given, out, ctx, resume, run_task):
@@ -108,8 +186,12 @@ def run_suite(given, out, ctx, resume, run_task):
     results = {}
     suite, plan = plan_suite(given, out, ctx, resume, os.path.abspath(DEFAULTS["data_dir"]))
     for folder, options, resume_from in plan:
-        done = not resume_from and finished(folder, options.get("epochs"))  # finished, its checkpoint.pth deleted
-        results[os.path.basename(folder)] = done["result"] if done else run_task(options, folder, ctx, resume_from)
+        done = not resume_from and finished(
+            folder, options.get("epochs")
+        )  # finished, its checkpoint.pth deleted
+        results[os.path.basename(folder)] = (
+            done["result"] if done else run_task(options, folder, ctx, resume_from)
+        )
         if ctx.rank == 0:
             write_results(out, results, suite["model"], suite["method"])
     return results
@@ -122,24 +204,39 @@ def plan_suite(given, out, ctx, resume, default_data_dir):
     suite_file = os.path.join(out, "suite.json")
     stored = read_suite(suite_file, out) if resume else {}
     if resume and given.get("data", stored["data"]) != stored["data"]:
-        raise UserError(f"--resume {out} is the suite --data {stored['data']}, not --data {given['data']}")
+        raise UserError(
+            f"--resume {out} is the suite --data {stored['data']}, not --data {given['data']}"
+        )
     tasks = suite_tasks(given.get("data") or stored["data"])
     options = {"data_dir": default_data_dir, **stored, **given}
     plan = {}
     for task in tasks:
         folder = os.path.join(out, os.path.basename(os.path.normpath(task)))
         started = os.path.exists(os.path.join(folder, "checkpoint.pth"))
-        plan[task] = (folder, {**({"data_dir": options["data_dir"], **given} if started else options), "data": task},
-                      folder if started else None)
-    missing = {task: data.missing(task, options["data_dir"]) for task in tasks  # a finished task needs none
-               if not finished(plan[task][0], plan[task][1].get("epochs"))}
+        plan[task] = (
+            folder,
+            {**({"data_dir": options["data_dir"], **given} if started else options), "data": task},
+            folder if started else None,
+        )
+    missing = {
+        task: data.missing(task, options["data_dir"])
+        for task in tasks  # a finished task needs none
+        if not finished(plan[task][0], plan[task][1].get("epochs"))
+    }
     if any(missing.values()):
-        raise UserError(f"no data for {sum(map(bool, missing.values()))} of the {len(tasks)} tasks: " + ", ".join(
-            f"{task} ({absent} is missing)" for task, absent in missing.items() if absent) + ". Put it there, or run "
-            f"the others: --data {','.join(task for task in tasks if not missing.get(task))}")
+        raise UserError(
+            f"no data for {sum(map(bool, missing.values()))} of the {len(tasks)} tasks: "
+            + ", ".join(
+                f"{task} ({absent} is missing)" for task, absent in missing.items() if absent
+            )
+            + ". Put it there, or run "
+            f"the others: --data {','.join(task for task in tasks if not missing.get(task))}"
+        )
     check_out(out, fresh=not resume)
     if ctx.control is not None:
-        dist.barrier(group=ctx.control)  # every process has checked `out` before the first one writes to it
+        dist.barrier(
+            group=ctx.control
+        )  # every process has checked `out` before the first one writes to it
     if ctx.rank == 0 and not resume:
         os.makedirs(out, exist_ok=True)
         save_atomic(json.dumps(options, indent=1), suite_file)
@@ -153,8 +250,10 @@ def read_suite(path, out):
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise UserError(f"--resume {out}: {path} is unreadable ({type(e).__name__}: {e}); a suite's folder holds the "
-                        f"suite.json it wrote") from None
+        raise UserError(
+            f"--resume {out}: {path} is unreadable ({type(e).__name__}: {e}); a suite's folder holds the "
+            f"suite.json it wrote"
+        ) from None
 
 
 def write_results(out, results, model, method):
@@ -162,32 +261,71 @@ def write_results(out, results, model, method):
     all tasks (of the task accuracies, as the paper's 73.4: not of the group means), and beside them the
     paper's ARC figures for the same tasks when the run is the paper's (vit_b16, arc)."""
     mean = lambda values: round(sum(values) / len(values), 2)
-    groups = {g: [t for t in tasks if t in results] for g, tasks in data.VTAB_GROUPS.items() if set(tasks) & set(results)}
-    summary = {"tasks": results, "groups": {g: mean([results[t]["final"] for t in ts]) for g, ts in groups.items()},
-               "mean": mean([r["final"] for r in results.values()])}
+    groups = {
+        g: [t for t in tasks if t in results]
+        for g, tasks in data.VTAB_GROUPS.items()
+        if set(tasks) & set(results)
+    }
+    summary = {
+        "tasks": results,
+        "groups": {g: mean([results[t]["final"] for t in ts]) for g, ts in groups.items()},
+        "mean": mean([r["final"] for r in results.values()]),
+    }
     paper = (model, method) == ("vit_b16", "arc") and set(results) <= set(ACCURACY)
     if paper:
-        summary["paper"] = {"tasks": {t: ACCURACY[t] for t in results}, "mean": mean([ACCURACY[t] for t in results]),
-                            "groups": {g: mean([ACCURACY[t] for t in ts]) for g, ts in groups.items()}}
+        summary["paper"] = {
+            "tasks": {t: ACCURACY[t] for t in results},
+            "mean": mean([ACCURACY[t] for t in results]),
+            "groups": {g: mean([ACCURACY[t] for t in ts]) for g, ts in groups.items()},
+        }
     save_atomic(json.dumps(summary, indent=1), os.path.join(out, "results.json"))
 
     def row(name, final, best=None, reference=0.0, trainable="", seconds=""):
         cells = [name, f"{final:.2f}", f"{best:.2f}" if best is not None else ""]
         cells += [f"{reference:.1f}", f"{final - reference:+.2f}"] * paper + [trainable, seconds]
         return "| " + " | ".join(cells) + " |"
-    lines = [f"# ARC: {model}, {method}", "", "Top-1 test accuracy (%). **final**: after the last epoch, the honest "
-             "figure. **best**: the best of the evaluated epochs, selected on the test set, as the official code reports "
-             "(its protocol tests every epoch: `--eval-every 1`)." + " **paper**: the ARC paper's ViT-B/16 figures." * paper,
-             "", "| task | final | best (test-selected) | " + "paper | final - paper | " * paper + "trainable | training + "
-             "testing |", "|---" * (5 + 2 * paper) + "|"]
+
+    lines = [
+        f"# ARC: {model}, {method}",
+        "",
+        "Top-1 test accuracy (%). **final**: after the last epoch, the honest "
+        "figure. **best**: the best of the evaluated epochs, selected on the test set, as the official code reports "
+        "(its protocol tests every epoch: `--eval-every 1`)."
+        + " **paper**: the ARC paper's ViT-B/16 figures."
+        * paper,
+        "",
+        "| task | final | best (test-selected) | "
+        + "paper | final - paper | " * paper
+        + "trainable | training + "
+        "testing |",
+        "|---" * (5 + 2 * paper) + "|",
+    ]
     ungrouped = [t for t in results if not any(t in ts for ts in groups.values())]
     for group, tasks in [*groups.items(), ("", ungrouped)]:
         for t in tasks:
-            lines.append(row(t, results[t]["final"], results[t]["best"], ACCURACY.get(t, 0.0),
-                             f"{results[t]['trainable']:,}",
-                             fmt_time(results[t]["seconds"]["training"] + results[t]["seconds"]["testing"])))
+            lines.append(
+                row(
+                    t,
+                    results[t]["final"],
+                    results[t]["best"],
+                    ACCURACY.get(t, 0.0),
+                    f"{results[t]['trainable']:,}",
+                    fmt_time(results[t]["seconds"]["training"] + results[t]["seconds"]["testing"]),
+                )
+            )
         if group:
-            lines.append(row(f"**{group} mean** ({len(tasks)} tasks)", summary["groups"][group],
-                             reference=paper and summary["paper"]["groups"][group]))
-    lines.append(row(f"**mean of all {len(results)} tasks**", summary["mean"], reference=paper and summary["paper"]["mean"]))
+            lines.append(
+                row(
+                    f"**{group} mean** ({len(tasks)} tasks)",
+                    summary["groups"][group],
+                    reference=paper and summary["paper"]["groups"][group],
+                )
+            )
+    lines.append(
+        row(
+            f"**mean of all {len(results)} tasks**",
+            summary["mean"],
+            reference=paper and summary["paper"]["mean"],
+        )
+    )
     save_atomic("\n".join(lines) + "\n", os.path.join(out, "results.md"))

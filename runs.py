@@ -11,6 +11,7 @@ Every file is written atomically (a temporary file, then a rename), so an interr
 never leaves half a file. A mistake in the command, the data or the files raises UserError: train.py
 prints it as one line, without a traceback.
 """
+
 import datetime
 import inspect
 import json
@@ -21,9 +22,9 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -54,11 +55,12 @@ def fmt_time(seconds):
 class Context:
     """Where this process runs: its device, the decoding workers it may start, its rank among `world` processes,
     `control`: the gloo group for stop requests and barriers (None alone), `log`: print on the first process only."""
+
     device: torch.device
     workers: int
     rank: int = 0
     world: int = 1
-    control: Optional[object] = None
+    control: object | None = None
     log: Callable = print
 
 
@@ -100,7 +102,9 @@ def node_once(ctx, fn, *args):
         dist.all_gather_object(paths, (socket.gethostname(), path), group=ctx.control)
         if not first:
             path = next((p for host, p in paths if p and host == socket.gethostname()), None)
-            result = torch.load(path, mmap=True, weights_only=False)[0] if path else fn(*args)  # our own file
+            result = (
+                torch.load(path, mmap=True, weights_only=False)[0] if path else fn(*args)
+            )  # our own file
         dist.barrier(group=ctx.control)  # all have read it
     finally:
         if first and path:
@@ -110,16 +114,22 @@ def node_once(ctx, fn, *args):
 
 # Buffers (Swin's masks) are rebuilt alike by every process, so DDP need not sync them at each forward.
 # torch 2.13 renamed the option.
-NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
-                  inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
+NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 def distributed(model, ctx):
     """The model as the loop calls it: itself, or wrapped in DDP under torchrun."""
     if ctx.world == 1:
         return model
-    return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                                   **NO_BUFFER_SYNC)
+    return DistributedDataParallel(
+        model,
+        device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+        **NO_BUFFER_SYNC,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -139,16 +149,23 @@ class Pace:
     def step(self):
         self.done += 1
         if self.done in (1, 6) and self.ctx.device.type == "cuda":
-            torch.cuda.synchronize(self.ctx.device)  # twice a run: the clock needs the GPU's work done
+            torch.cuda.synchronize(
+                self.ctx.device
+            )  # twice a run: the clock needs the GPU's work done
         if self.done == 1:
             self.start = time.time()
         elif self.done == 6:
             per_step = (time.time() - self.start) / 5
             seconds = per_step * (self.steps_to_go - 6)
-            advice = ("; that is long: for a quick run try --model vit_t16, or a GPU with --device cuda"
-                      if self.ctx.device.type == "cpu" and seconds > LONG_RUN_S else "")
-            self.ctx.log(f"{per_step:.2f} s a step: about {fmt_time(seconds)} for the {self.steps_to_go - 6:,} steps "
-                         f"to go, without testing{advice}")
+            advice = (
+                "; that is long: for a quick run try --model vit_t16, or a GPU with --device cuda"
+                if self.ctx.device.type == "cpu" and seconds > LONG_RUN_S
+                else ""
+            )
+            self.ctx.log(
+                f"{per_step:.2f} s a step: about {fmt_time(seconds)} for the {self.steps_to_go - 6:,} steps "
+                f"to go, without testing{advice}"
+            )
 
 
 class StopFlag:
@@ -181,19 +198,29 @@ class Interrupted(Exception):
     """A stop asked for by a signal, after `epochs_done` epochs, of which checkpoint.pth holds `epochs_saved`."""
 
     def __init__(self, signum, epochs_done, epochs_saved):
-        lost = f" ({epochs_done - epochs_saved} since the last checkpoint will run again)" * (epochs_saved < epochs_done)
-        super().__init__(f"stopped by {signal.Signals(signum).name} after {epochs_done} epoch(s){lost}")
+        lost = f" ({epochs_done - epochs_saved} since the last checkpoint will run again)" * (
+            epochs_saved < epochs_done
+        )
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after {epochs_done} epoch(s){lost}"
+        )
         self.exit_code, self.epochs_saved = 128 + signum, epochs_saved
 
 
 def continue_with(saved, out, ctx):
     """How to go on after a stop: --resume when something was saved, else the same command again."""
-    argv = [a for i, a in enumerate(sys.argv) if not (a.startswith("--resume") or sys.argv[i - 1] == "--resume")]
+    argv = [
+        a
+        for i, a in enumerate(sys.argv)
+        if not (a.startswith("--resume") or sys.argv[i - 1] == "--resume")
+    ]
     launcher = f"torchrun --nproc_per_node={ctx.world}" if ctx.world > 1 else "python"
     if not saved:
         return f"No epoch had finished, so nothing is saved. Start again with:\n  {launcher} {shlex.join(argv)}"
-    return (f"What was saved is in {out} (an epoch in progress starts again). Continue with:\n  "
-            f"{launcher} {shlex.join(argv + ['--resume', out])}")
+    return (
+        f"What was saved is in {out} (an epoch in progress starts again). Continue with:\n  "
+        f"{launcher} {shlex.join(argv + ['--resume', out])}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -203,20 +230,30 @@ def continue_with(saved, out, ctx):
 def check_out(out, fresh):
     """Fail now, not after an hour of decoding, when the output folder holds a run that a fresh one would
     overwrite, or cannot be made or written."""
-    if fresh and any(os.path.exists(os.path.join(out, name)) for name in ("checkpoint.pth", "adapters.pth", "folded.pth",
-                                                                           "suite.json")):
-        raise UserError(f"{out} already holds a run: continue it with --resume {out}, or pass another --out")
+    if fresh and any(
+        os.path.exists(os.path.join(out, name))
+        for name in ("checkpoint.pth", "adapters.pth", "folded.pth", "suite.json")
+    ):
+        raise UserError(
+            f"{out} already holds a run: continue it with --resume {out}, or pass another --out"
+        )
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file, not a folder: pass another --out")
     parent = os.path.abspath(out)
     while not os.path.isdir(parent):
         if os.path.exists(parent):
-            raise UserError(f"--out {out}: {parent} is a file, so no folder can be made there; pass another --out")
+            raise UserError(
+                f"--out {out}: {parent} is a file, so no folder can be made there; pass another --out"
+            )
         parent = os.path.dirname(parent)
     try:
-        os.rmdir(tempfile.mkdtemp(dir=parent))  # what os.access cannot tell: a read-only mount, sysfs, a full disk
+        os.rmdir(
+            tempfile.mkdtemp(dir=parent)
+        )  # what os.access cannot tell: a read-only mount, sysfs, a full disk
     except OSError as e:
-        raise UserError(f"--out {out}: cannot write in {parent} ({e.strerror}); pass another --out") from None
+        raise UserError(
+            f"--out {out}: cannot write in {parent} ({e.strerror}); pass another --out"
+        ) from None
 
 
 def save_atomic(obj, path):
@@ -228,12 +265,18 @@ def save_atomic(obj, path):
         else:
             torch.save(obj, path + ".tmp")
         os.replace(path + ".tmp", path)
-    except BaseException as e:  # a full disk, or a Ctrl-C mid-write: no temporary file is left (1 GB for full ViT-B)
+    except (
+        BaseException
+    ) as e:  # a full disk, or a Ctrl-C mid-write: no temporary file is left (1 GB for full ViT-B)
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
-        if not isinstance(e, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
+        if not isinstance(
+            e, (OSError, RuntimeError)
+        ):  # torch.save reports a full disk as a RuntimeError
             raise
-        raise UserError(f"could not write {path} ({getattr(e, 'strerror', None) or e}); what was there is intact") from None
+        raise UserError(
+            f"could not write {path} ({getattr(e, 'strerror', None) or e}); what was there is intact"
+        ) from None
 
 
 def read_saved(path, option, keys, what):
@@ -251,16 +294,23 @@ def read_saved(path, option, keys, what):
 
 def trained_tensors(model):
     """What the method trains (for ARC: arc.arc_state_dict); linear and full train other tensors."""
-    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+    return {
+        name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def load_trained_tensors(model, state_dict, source):
     expected = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(expected[k])}" for k, v in state_dict.items()
-             if k in expected and v.shape != expected[k]]
+    wrong = [
+        f"{k} {tuple(v.shape)} vs {tuple(expected[k])}"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k]
+    ]
     if expected.keys() != state_dict.keys() or wrong:
-        raise UserError(f"{source} does not fit this model: missing {sorted(expected.keys() - state_dict.keys())[:4]}, "
-                        f"unexpected {sorted(state_dict.keys() - expected.keys())[:4]}, shapes (file vs model) {wrong[:2]}")
+        raise UserError(
+            f"{source} does not fit this model: missing {sorted(expected.keys() - state_dict.keys())[:4]}, "
+            f"unexpected {sorted(state_dict.keys() - expected.keys())[:4]}, shapes (file vs model) {wrong[:2]}"
+        )
     model.load_state_dict(state_dict, strict=False)
 
 
@@ -272,6 +322,7 @@ def load_trained_tensors(model, state_dict, source):
 class Run:
     """A run in training. checkpoint.pth saves its settings (cfg), what its model trains, the optimizer's state,
     its history (a metrics dict per finished epoch) and every process's random state; into `out`."""
+
     ctx: Context
     cfg: SimpleNamespace
     out: str
@@ -282,16 +333,25 @@ class Run:
 
 def save_checkpoint(run):
     """checkpoint.pth: everything that resuming needs, so that a resumed run ends as an uninterrupted one."""
-    rng = {"cpu": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state(run.ctx.device) if run.ctx.device.type == "cuda" else None}
+    rng = {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(run.ctx.device) if run.ctx.device.type == "cuda" else None,
+    }
     states = [rng]
     if run.ctx.world > 1:  # every process's random state (its dropout), gathered: a collective
         states = [None] * run.ctx.world
         dist.all_gather_object(states, rng, group=run.ctx.control)
     if run.ctx.rank == 0:
-        save_atomic({"config": vars(run.cfg), "trained": trained_tensors(run.model), "rng": states,
-                     "optimizer": run.optimizer.state_dict(), "history": run.history},
-                    os.path.join(run.out, "checkpoint.pth"))
+        save_atomic(
+            {
+                "config": vars(run.cfg),
+                "trained": trained_tensors(run.model),
+                "rng": states,
+                "optimizer": run.optimizer.state_dict(),
+                "history": run.history,
+            },
+            os.path.join(run.out, "checkpoint.pth"),
+        )
 
 
 def restore_checkpoint(run, checkpoint):
@@ -303,8 +363,12 @@ def restore_checkpoint(run, checkpoint):
         torch.cuda.set_rng_state(rng["cuda"], run.ctx.device)
     run.history = checkpoint["history"]
     if checkpoint["config"]["epochs"] != run.cfg.epochs:
-        run.history[-1]["schedule"] = f"then extended from {checkpoint['config']['epochs']} to {run.cfg.epochs} epochs"
-        run.ctx.log(f"extending the run: the cosine schedule is recomputed for {run.cfg.epochs} epochs")
+        run.history[-1]["schedule"] = (
+            f"then extended from {checkpoint['config']['epochs']} to {run.cfg.epochs} epochs"
+        )
+        run.ctx.log(
+            f"extending the run: the cosine schedule is recomputed for {run.cfg.epochs} epochs"
+        )
     run.ctx.log(f"resuming {run.out} after epoch {len(run.history)}")
 
 
@@ -315,21 +379,39 @@ class Checkpoints:
 
     def __init__(self, run):
         self.run, self.epochs_saved = run, len(run.history)
-        self.written, self.cost = time.time(), 0.0  # when the last was written, and how long that took
+        self.written, self.cost = (
+            time.time(),
+            0.0,
+        )  # when the last was written, and how long that took
 
     def after_epoch(self, stopping):
         run = self.run
-        due = stopping or len(run.history) == run.cfg.epochs or time.time() - self.written >= 10 * self.cost
-        if run.ctx.control is not None:  # every process takes part in a save (it gathers their random states)
+        due = (
+            stopping
+            or len(run.history) == run.cfg.epochs
+            or time.time() - self.written >= 10 * self.cost
+        )
+        if (
+            run.ctx.control is not None
+        ):  # every process takes part in a save (it gathers their random states)
             flag = torch.tensor([int(due)])
-            dist.broadcast(flag, src=0, group=run.ctx.control)  # the first process's clock decides for all
+            dist.broadcast(
+                flag, src=0, group=run.ctx.control
+            )  # the first process's clock decides for all
             due = bool(flag)
         if due:
             started = time.time()
             save_checkpoint(run)
-            self.written, self.cost, self.epochs_saved = time.time(), time.time() - started, len(run.history)
+            self.written, self.cost, self.epochs_saved = (
+                time.time(),
+                time.time() - started,
+                len(run.history),
+            )
         if run.ctx.rank == 0:
-            save_atomic("".join(json.dumps(m) + "\n" for m in run.history), os.path.join(run.out, "metrics.jsonl"))
+            save_atomic(
+                "".join(json.dumps(m) + "\n" for m in run.history),
+                os.path.join(run.out, "metrics.jsonl"),
+            )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -348,13 +430,21 @@ def read_checkpoint(path, world):
     if not os.path.exists(folder):
         raise UserError(f"--resume {folder}: no such folder")
     if not os.path.exists(path):
-        raise UserError(f"--resume {folder}: no checkpoint.pth there, so no finished epoch to continue; start the "
-                        f"run again without --resume")
-    checkpoint = read_saved(path, "--resume", ("config", "trained", "optimizer", "rng", "history"),
-                            "a checkpoint.pth (adapters.pth and folded.pth hold results, not a run to continue)")
+        raise UserError(
+            f"--resume {folder}: no checkpoint.pth there, so no finished epoch to continue; start the "
+            f"run again without --resume"
+        )
+    checkpoint = read_saved(
+        path,
+        "--resume",
+        ("config", "trained", "optimizer", "rng", "history"),
+        "a checkpoint.pth (adapters.pth and folded.pth hold results, not a run to continue)",
+    )
     if len(checkpoint["rng"]) != world:
-        raise UserError(f"--resume: {path} was written by {len(checkpoint['rng'])} process(es); resume it with as "
-                        f"many (torchrun --nproc_per_node={len(checkpoint['rng'])} for several)")
+        raise UserError(
+            f"--resume: {path} was written by {len(checkpoint['rng'])} process(es); resume it with as "
+            f"many (torchrun --nproc_per_node={len(checkpoint['rng'])} for several)"
+        )
     return checkpoint
 
 
@@ -365,9 +455,15 @@ def finished(out, epochs=None):
     if not os.path.exists(adapters):
         return None
     record = read_saved(adapters, "--resume", ("config",), "an adapters.pth")["config"]
-    folded = record.get("folded", record.get("swin_ffn_adapter") != "residual" or record["method"] != "arc")
+    folded = record.get(
+        "folded", record.get("swin_ffn_adapter") != "residual" or record["method"] != "arc"
+    )
     try:  # the epochs checkpoint.pth holds (0: deleted; more: continued since); unreadable: --resume reports it
-        saved = len(torch.load(checkpoint, mmap=True, weights_only=True)["history"]) if os.path.exists(checkpoint) else 0
+        saved = (
+            len(torch.load(checkpoint, mmap=True, weights_only=True)["history"])
+            if os.path.exists(checkpoint)
+            else 0
+        )
     except Exception:
         return None
     if epochs is not None and record["epochs"] != epochs or saved > record["epochs"]:
@@ -375,33 +471,52 @@ def finished(out, epochs=None):
     return record if not folded or os.path.exists(os.path.join(out, "folded.pth")) else None
 
 
-MAY_CHANGE = ("data_dir", "eval_every", "epochs", "weights")  # where files are now, how often to test; more epochs
+MAY_CHANGE = (
+    "data_dir",
+    "eval_every",
+    "epochs",
+    "weights",
+)  # where files are now, how often to test; more epochs
 
 
 def check_resume(given, saved, done, out):
     """A run continues with its own settings. The command line may say where its files are now, how often to
     test, and --epochs, which may grow: the schedule is then recomputed for the new length."""
-    changed = [key for key in given if key not in MAY_CHANGE and given[key] != saved[key]
-               and not (key == "data" and data.is_path(given[key]) and data.is_path(saved[key]))]
+    changed = [
+        key
+        for key in given
+        if key not in MAY_CHANGE
+        and given[key] != saved[key]
+        and not (key == "data" and data.is_path(given[key]) and data.is_path(saved[key]))
+    ]
     if changed:
-        raise UserError(f"--resume {out} comes from another run: " + ", ".join(
-            f"{flag(key)} {saved[key]} there, {given[key]} here" for key in changed)
-            + "; give the same options, or start a new run with another --out")
+        raise UserError(
+            f"--resume {out} comes from another run: "
+            + ", ".join(f"{flag(key)} {saved[key]} there, {given[key]} here" for key in changed)
+            + "; give the same options, or start a new run with another --out"
+        )
     if given.get("epochs", saved["epochs"]) < saved["epochs"]:
-        raise UserError(f"--resume {out} is a run of {saved['epochs']} epochs ({done} done): --epochs "
-                        f"{given['epochs']} would shorten it; a run can only be extended")
+        raise UserError(
+            f"--resume {out} is a run of {saved['epochs']} epochs ({done} done): --epochs "
+            f"{given['epochs']} would shorten it; a run can only be extended"
+        )
 
 
 def check_classes(classes, task, source):
     if classes != task.classes:
-        raise UserError(f"{source} was trained on {len(classes)} classes {classes[:5]}, "
-                        f"the data has {task.num_classes} {task.classes[:5]}")
+        raise UserError(
+            f"{source} was trained on {len(classes)} classes {classes[:5]}, "
+            f"the data has {task.num_classes} {task.classes[:5]}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
 # Weights files
 
-URLS = {**vit.URLS, **swin.URLS}  # the published checkpoint of each model, which --weights auto downloads
+URLS = {
+    **vit.URLS,
+    **swin.URLS,
+}  # the published checkpoint of each model, which --weights auto downloads
 
 
 def weights_file(weights, model_name, log):
@@ -411,7 +526,9 @@ def weights_file(weights, model_name, log):
         return None
     if weights != "auto":
         if not os.path.isfile(weights):
-            raise UserError(f"--weights {weights}: {'a folder, not a file' if os.path.isdir(weights) else 'no such file'}")
+            raise UserError(
+                f"--weights {weights}: {'a folder, not a file' if os.path.isdir(weights) else 'no such file'}"
+            )
         return weights
     url = URLS[model_name]
     if not os.path.exists(vit.cached_file(url)):
@@ -428,8 +545,11 @@ def load_weights(model, model_name, weights, path):
         if path:
             (vit if model_name.startswith("vit") else swin).load_pretrained(model, path)
     except vit.CheckpointError as e:
-        advice = ("; --weights auto downloaded it: delete it, and the next run downloads it again"
-                  if weights == "auto" else "")
+        advice = (
+            "; --weights auto downloaded it: delete it, and the next run downloads it again"
+            if weights == "auto"
+            else ""
+        )
         raise UserError(f"--weights {e}{advice}") from None
 
 
@@ -437,14 +557,28 @@ def check_weights(given, saved, what, needed=True):
     """A run continues, or is tested, with its own weights: --weights may say where they are now (the same
     file, so the same size), not name others. A file that has moved must be given anew when it is `needed`."""
     weights = given.get("weights", saved["weights"])
-    if needed and "weights" not in given and weights not in ("auto", "none") and not os.path.isfile(weights):
-        raise UserError(f"{what} was trained from --weights {weights}, which is not there now: pass --weights with "
-                        f"where it is")
+    if (
+        needed
+        and "weights" not in given
+        and weights not in ("auto", "none")
+        and not os.path.isfile(weights)
+    ):
+        raise UserError(
+            f"{what} was trained from --weights {weights}, which is not there now: pass --weights with "
+            f"where it is"
+        )
     path = vit.cached_file(URLS[saved["model"]]) if weights == "auto" else weights
     size = 0 if weights == "none" else os.path.getsize(path) if os.path.isfile(path) else None
-    if weights in ("auto", "none") and weights == saved["weights"] or size is None and weights not in ("auto", "none"):
+    if (
+        weights in ("auto", "none")
+        and weights == saved["weights"]
+        or size is None
+        and weights not in ("auto", "none")
+    ):
         return  # the run's own choice; or a path that is not there, which weights_file reports when it is needed
     if size != saved["weights_bytes"]:
         describe = lambda name, n: f"{name} ({n:,} bytes)" if n else name
-        raise UserError(f"{what}: --weights {describe(saved['weights'], saved['weights_bytes'])} there, "
-                        f"{describe(weights, size)} here; give the run's own weights")
+        raise UserError(
+            f"{what}: --weights {describe(saved['weights'], saved['weights_bytes'])} there, "
+            f"{describe(weights, size)} here; give the run's own weights"
+        )

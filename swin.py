@@ -22,6 +22,7 @@ As in the official ARC Swin code: `drop_path` is the stochastic-depth rate of th
 rising linearly from 0 at the first (its runs used 0.1); the classifier head starts truncated-normal
 (std 0.02), its bias zero. Drop-path has no parameters, so state dicts do not change.
 """
+
 import re
 
 import torch
@@ -32,25 +33,30 @@ from arc import add_adapters
 from vit import load_backbone, published, read_state_dict
 
 CONFIGS = {  # name -> width of the first stage, blocks per stage, heads per stage
-    "swin_t": (96, (2, 2, 6, 2), (3, 6, 12, 24)), "swin_s": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
-    "swin_b": (128, (2, 2, 18, 2), (4, 8, 16, 32)), "swin_l": (192, (2, 2, 18, 2), (6, 12, 24, 48)),
+    "swin_t": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
+    "swin_s": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
+    "swin_b": (128, (2, 2, 18, 2), (4, 8, 16, 32)),
+    "swin_l": (192, (2, 2, 18, 2), (6, 12, 24, 48)),
 }
 # What a block's adapter slots feed, for each place of the FFN-side adapter: in front of fc1 (foldable), or
 # on the residual stream, in front of norm2 and the skip path (the official ARC Swin's, not foldable)
-FEEDS = {"norm2": {"att": "attn.qkv", "ffn": "mlp.fc1"}, "residual": {"att": "attn.qkv", "ffn": "norm2"}}
+FEEDS = {
+    "norm2": {"att": "attn.qkv", "ffn": "mlp.fc1"},
+    "residual": {"att": "attn.qkv", "ffn": "norm2"},
+}
 # Pre-trained on ImageNet-22k, then fine-tuned on ImageNet-1k (Microsoft's model zoo): what the official ARC
 # Swin code's `pretrained=True` loads (its default_cfgs name the 22kto1k file), though the paper's text
 # suggests the 22k-only files. Those (e.g. .../v1.0.0/swin_base_patch4_window7_224_22k.pth) still load by
 # path: the same names and shapes but for the 21841-class head, which is then left out.
 URLS = {
     "swin_t": "https://github.com/SwinTransformer/storage/releases/download/v1.0.8/"
-              "swin_tiny_patch4_window7_224_22kto1k_finetune.pth",
+    "swin_tiny_patch4_window7_224_22kto1k_finetune.pth",
     "swin_s": "https://github.com/SwinTransformer/storage/releases/download/v1.0.8/"
-              "swin_small_patch4_window7_224_22kto1k_finetune.pth",
+    "swin_small_patch4_window7_224_22kto1k_finetune.pth",
     "swin_b": "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/"
-              "swin_base_patch4_window7_224_22kto1k.pth",
+    "swin_base_patch4_window7_224_22kto1k.pth",
     "swin_l": "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/"
-              "swin_large_patch4_window7_224_22kto1k.pth",
+    "swin_large_patch4_window7_224_22kto1k.pth",
 }
 
 
@@ -69,7 +75,9 @@ def from_windows(x, window, H, W):
 
 def relative_position_index(window):
     """(N, N) index into the ((2w-1)^2, heads) bias table for each pair of tokens in a window, N = w*w."""
-    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    coords = torch.stack(
+        torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+    ).flatten(1)
     delta = coords[:, :, None] - coords[:, None, :] + window - 1  # (2, N, N), each in [0, 2w-2]
     return delta[0] * (2 * window - 1) + delta[1]
 
@@ -77,7 +85,9 @@ def relative_position_index(window):
 def shift_mask(resolution, window, shift):
     """(num_windows, N, N): -100 between tokens that the cyclic shift brought together from different
     regions of the image (they are not neighbours), 0 elsewhere. Microsoft's value and regions."""
-    band = torch.zeros(resolution, dtype=torch.long)  # per axis: untouched, last window, wrapped around
+    band = torch.zeros(
+        resolution, dtype=torch.long
+    )  # per axis: untouched, last window, wrapped around
     band[-window:] = 1
     band[-shift:] = 2
     region = (band[:, None] * 3 + band[None, :])[None, :, :, None]
@@ -95,7 +105,9 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-        self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
+        self.register_buffer(
+            "relative_position_index", relative_position_index(window), persistent=False
+        )
 
     def forward(self, x, mask=None):
         """x: (B * num_windows, N, C); mask: None or (num_windows, N, N), added to the logits."""
@@ -105,12 +117,16 @@ class WindowAttention(nn.Module):
         windows = 1 if mask is None else len(mask)
         qkv = self.qkv(x).view(B // windows, windows, N, 3, self.heads, C // self.heads)
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).flatten(2, 3)
-        bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)  # (heads, N, N)
+        bias = self.relative_position_bias_table[self.relative_position_index].permute(
+            2, 0, 1
+        )  # (heads, N, N)
         if mask is not None:
             bias = (bias + mask[:, None]).flatten(0, 1)  # (windows * heads, N, N)
         # 4-D, (1, ..., N, N): given a 3-D mask, torch's fused CPU kernel is skipped for the slow path
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None].to(q.dtype))
-        x = x.view(B // windows, windows, self.heads, N, -1).transpose(2, 3)  # (images, windows, N, heads, hd)
+        x = x.view(B // windows, windows, self.heads, N, -1).transpose(
+            2, 3
+        )  # (images, windows, N, heads, hd)
         return self.proj(x.reshape(B, N, C))
 
 
@@ -125,7 +141,9 @@ class DropPath(nn.Module):
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
-        keep = x.new_empty((len(x),) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)  # one draw per sample
+        keep = x.new_empty((len(x),) + (1,) * (x.dim() - 1)).bernoulli_(
+            1 - self.p
+        )  # one draw per sample
         return x * keep / (1 - self.p)
 
     def extra_repr(self):
@@ -151,14 +169,22 @@ class Block(nn.Module):
 
     def __init__(self, dim, heads, resolution, window, shift, drop_path=0.0, ffn_adapter="norm2"):
         super().__init__()
-        self.resolution, self.window, self.shift, self.ffn_adapter = resolution, window, shift, ffn_adapter
+        self.resolution, self.window, self.shift, self.ffn_adapter = (
+            resolution,
+            window,
+            shift,
+            ffn_adapter,
+        )
         self.norm1, self.attn = nn.LayerNorm(dim), WindowAttention(dim, heads, window)
         self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, 4 * dim)
-        self.drop_path = DropPath(drop_path)  # stochastic depth, one rate for both residual branches
+        self.drop_path = DropPath(
+            drop_path
+        )  # stochastic depth, one rate for both residual branches
         self.adapter_att, self.adapter_ffn = nn.Identity(), nn.Identity()
         self.adapter_feeds = FEEDS[ffn_adapter]
-        self.register_buffer("attn_mask", shift_mask(resolution, window, shift) if shift else None,
-                             persistent=False)
+        self.register_buffer(
+            "attn_mask", shift_mask(resolution, window, shift) if shift else None, persistent=False
+        )
 
     def forward(self, x):  # x: (B, H * W, C)
         B, L, C = x.shape
@@ -170,7 +196,9 @@ class Block(nn.Module):
         if self.shift:
             h = torch.roll(h, (self.shift, self.shift), dims=(1, 2))
         x = x + self.drop_path(h.reshape(B, L, C))
-        if self.ffn_adapter == "residual":  # the official ARC Swin: the skip path carries A_ffn(x) too
+        if (
+            self.ffn_adapter == "residual"
+        ):  # the official ARC Swin: the skip path carries A_ffn(x) too
             x = self.adapter_ffn(x)
             return x + self.drop_path(self.mlp(self.norm2(x)))
         return x + self.drop_path(self.mlp(self.adapter_ffn(self.norm2(x))))
@@ -188,7 +216,9 @@ class PatchMerging(nn.Module):
     def forward(self, x):
         B, L, C = x.shape
         x = x.view(B, self.resolution, self.resolution, C)
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        x = torch.cat(
+            [x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1
+        )
         return self.reduction(self.norm(x.view(B, L // 4, 4 * C)))
 
 
@@ -201,8 +231,10 @@ class Stage(nn.Module):
         shift = window // 2
         if resolution <= window:  # Microsoft's rule: one window covers the map, nothing to shift
             window, shift = resolution, 0
-        self.blocks = nn.ModuleList(Block(dim, heads, resolution, window, shift if j % 2 else 0, drop_paths[j],
-                                          ffn_adapter) for j in range(depth))
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, resolution, window, shift if j % 2 else 0, drop_paths[j], ffn_adapter)
+            for j in range(depth)
+        )
         self.downsample = PatchMerging(dim, resolution) if downsample else nn.Identity()
 
     def forward(self, x):
@@ -212,36 +244,71 @@ class Stage(nn.Module):
 
 
 class SwinTransformer(nn.Module):
-    def __init__(self, dim, depths, heads, window=7, patch_size=4, num_classes=1000, img_size=224,
-                 arc=None, rank=50, adapter_dropout=0.1, drop_path=0.0, ffn_adapter="norm2"):
+    def __init__(
+        self,
+        dim,
+        depths,
+        heads,
+        window=7,
+        patch_size=4,
+        num_classes=1000,
+        img_size=224,
+        arc=None,
+        rank=50,
+        adapter_dropout=0.1,
+        drop_path=0.0,
+        ffn_adapter="norm2",
+    ):
         super().__init__()
         if arc not in (None, "arc", "arc_att"):
             raise ValueError(f"arc must be None, 'arc' or 'arc_att', not {arc!r}")
         if ffn_adapter not in FEEDS:
-            raise ValueError(f"ffn_adapter must be 'norm2' (foldable) or 'residual' (the official ARC Swin's), "
-                             f"not {ffn_adapter!r}")
-        if ffn_adapter == "residual" and not arc:  # else arc.add_adapters would later feed its adapter to fc1
-            raise ValueError("ffn_adapter='residual' places ARC's FFN adapter: build the model with arc='arc'")
+            raise ValueError(
+                f"ffn_adapter must be 'norm2' (foldable) or 'residual' (the official ARC Swin's), "
+                f"not {ffn_adapter!r}"
+            )
+        if (
+            ffn_adapter == "residual" and not arc
+        ):  # else arc.add_adapters would later feed its adapter to fc1
+            raise ValueError(
+                "ffn_adapter='residual' places ARC's FFN adapter: build the model with arc='arc'"
+            )
         self.config = (dim, tuple(depths), tuple(heads))
         if not 0 <= drop_path < 1:
             raise ValueError(f"drop_path must be in [0, 1), not {drop_path}")
         stride = patch_size * 2 ** (len(depths) - 1)  # each patch merging halves the map
         if img_size % stride:
-            raise ValueError(f"img_size {img_size} is not a multiple of {stride} (patch {patch_size}, "
-                             f"{len(depths) - 1} patch mergings)")
-        resolutions = [img_size // patch_size // 2 ** s for s in range(len(depths))]
+            raise ValueError(
+                f"img_size {img_size} is not a multiple of {stride} (patch {patch_size}, "
+                f"{len(depths) - 1} patch mergings)"
+            )
+        resolutions = [img_size // patch_size // 2**s for s in range(len(depths))]
         for s, res in enumerate(resolutions):
             if res > window and res % window:
-                raise ValueError(f"img_size {img_size} gives a {res}x{res} map in stage {s}, which does not "
-                                 f"split into {window}x{window} windows (window 7 needs a multiple of 224)")
+                raise ValueError(
+                    f"img_size {img_size} gives a {res}x{res} map in stage {s}, which does not "
+                    f"split into {window}x{window} windows (window 7 needs a multiple of 224)"
+                )
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(3, dim, patch_size, patch_size)
         self.patch_embed.norm = nn.LayerNorm(dim)
-        rates = torch.linspace(0, drop_path, sum(depths), device="cpu").tolist()  # over all blocks of all stages
+        rates = torch.linspace(
+            0, drop_path, sum(depths), device="cpu"
+        ).tolist()  # over all blocks of all stages
         starts = [sum(depths[:s]) for s in range(len(depths))]
         self.layers = nn.ModuleList(
-            Stage(dim * 2 ** s, depth, heads[s], resolutions[s], window, s < len(depths) - 1,
-                  rates[starts[s]:starts[s] + depth], ffn_adapter) for s, depth in enumerate(depths))
+            Stage(
+                dim * 2**s,
+                depth,
+                heads[s],
+                resolutions[s],
+                window,
+                s < len(depths) - 1,
+                rates[starts[s] : starts[s] + depth],
+                ffn_adapter,
+            )
+            for s, depth in enumerate(depths)
+        )
         self.norm = nn.LayerNorm(dim * 2 ** (len(depths) - 1))
         self.head = nn.Linear(dim * 2 ** (len(depths) - 1), num_classes)
         # the official ARC Swin's head init (its ViT's is zeros): timm's trunc_normal_(std=0.02), whose bounds
@@ -249,7 +316,10 @@ class SwinTransformer(nn.Module):
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
         if arc:  # one W per stage, as the stages' widths differ
-            targets = {position: f"layers.*.blocks.*.{layer}" for position, layer in FEEDS[ffn_adapter].items()}
+            targets = {
+                position: f"layers.*.blocks.*.{layer}"
+                for position, layer in FEEDS[ffn_adapter].items()
+            }
             add_adapters(self, rank, arc, adapter_dropout, targets)
 
     def forward(self, images):
@@ -259,10 +329,20 @@ class SwinTransformer(nn.Module):
         return self.head(self.norm(x).mean(dim=1))
 
 
-def swin_t(**kw): return SwinTransformer(*CONFIGS["swin_t"], **kw)
-def swin_s(**kw): return SwinTransformer(*CONFIGS["swin_s"], **kw)
-def swin_b(**kw): return SwinTransformer(*CONFIGS["swin_b"], **kw)
-def swin_l(**kw): return SwinTransformer(*CONFIGS["swin_l"], **kw)
+def swin_t(**kw):
+    return SwinTransformer(*CONFIGS["swin_t"], **kw)
+
+
+def swin_s(**kw):
+    return SwinTransformer(*CONFIGS["swin_s"], **kw)
+
+
+def swin_b(**kw):
+    return SwinTransformer(*CONFIGS["swin_b"], **kw)
+
+
+def swin_l(**kw):
+    return SwinTransformer(*CONFIGS["swin_l"], **kw)
 
 
 def load_pretrained(model, path):
@@ -279,7 +359,11 @@ def load_pretrained(model, path):
         if key.endswith(("relative_position_index", "attn_mask")):
             continue  # derived from the window size: rebuilt by the model, never trusted from a file
         if timm_layout:
-            key = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m[1]) - 1}.downsample.", key)
+            key = re.sub(
+                r"^layers\.(\d+)\.downsample\.",
+                lambda m: f"layers.{int(m[1]) - 1}.downsample.",
+                key,
+            )
             key = re.sub(r"^head\.fc\.", "head.", key)
         renamed[key] = value
     return load_backbone(model, renamed, path)

@@ -14,6 +14,7 @@ metrics.jsonl (a line an epoch), checkpoint.pth (for --resume), adapters.pth (th
 folded.pth (the plain model, adapters folded in); a suite gets a folder per task and results tables.
 Around the loop, runs.py keeps the run's files, stop requests and processes; data.py the data.
 """
+
 import argparse
 import contextlib
 import math
@@ -49,28 +50,58 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if action.dest in paper.RECIPE_KEYS:
             return f"{action.help} (default: the task's recipe)"
         default = paper.DEFAULTS.get(action.dest, action.default)
-        return action.help if default in (None, False, argparse.SUPPRESS) else f"{action.help} (default: {default})"
+        return (
+            action.help
+            if default in (None, False, argparse.SUPPRESS)
+            else f"{action.help} (default: {default})"
+        )
 
 
 def parse_args(argv=None):
     """The options, and the settings among them that the command line gave (paths made absolute, so that a
     run resumed or tested from another folder finds what it used)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.error = lambda message: sys.exit(f"error: {message} (python train.py --help lists the options)")
+    p.error = lambda message: sys.exit(
+        f"error: {message} (python train.py --help lists the options)"
+    )
     add = lambda name, help, **kw: p.add_argument(name, help=help, **kw)
-    add("--data", f"a VTAB-1k task ({' '.join(data.VTAB_TASKS)}); an FGVC set ({' '.join(data.FGVC_TASKS)}); a suite "
+    add(
+        "--data",
+        f"a VTAB-1k task ({' '.join(data.VTAB_TASKS)}); an FGVC set ({' '.join(data.FGVC_TASKS)}); a suite "
         f"({' '.join(data.SUITES)}) or a comma-separated list of tasks; a folder of train/ and test/ class folders; "
-        f"synthetic")
-    add("--data-dir", "where datasets are looked for (vtab-1k/<task>, fgvc/<set>, dtd/) and downloaded")
+        f"synthetic",
+    )
+    add(
+        "--data-dir",
+        "where datasets are looked for (vtab-1k/<task>, fgvc/<set>, dtd/) and downloaded",
+    )
     add("--model", "the backbone", choices=sorted(MODELS))
-    add("--weights", "auto (the checkpoint the official runs used, downloaded into torch hub's cache), a path, or none")
+    add(
+        "--weights",
+        "auto (the checkpoint the official runs used, downloaded into torch hub's cache), a path, or none",
+    )
     add("--method", "what trains", choices=["arc", "arc_att", "linear", "full"])
     add("--rank", "ARC bottleneck r", type=int)
-    add("--adapter-dropout", "dropout on the adapters' bottleneck: 0.1 on ViTs, 0.5 on Swin", type=float)
-    add("--vit-dropout", "ViT dropout after the position embedding and in the MLP: 0 on VTAB-1k", type=float)
-    add("--drop-path", "Swin stochastic depth at the last block, rising from 0 at the first: 0.1", type=float)
-    add("--swin-ffn-adapter", "norm2 (foldable), or residual: on the residual stream, as the official ARC Swin",
-        choices=["norm2", "residual"])
+    add(
+        "--adapter-dropout",
+        "dropout on the adapters' bottleneck: 0.1 on ViTs, 0.5 on Swin",
+        type=float,
+    )
+    add(
+        "--vit-dropout",
+        "ViT dropout after the position embedding and in the MLP: 0 on VTAB-1k",
+        type=float,
+    )
+    add(
+        "--drop-path",
+        "Swin stochastic depth at the last block, rising from 0 at the first: 0.1",
+        type=float,
+    )
+    add(
+        "--swin-ffn-adapter",
+        "norm2 (foldable), or residual: on the residual stream, as the official ARC Swin",
+        choices=["norm2", "residual"],
+    )
     add("--lr", "AdamW peak learning rate: 0.01 on VTAB-1k with a ViT", type=float)
     add("--weight-decay", "AdamW weight decay: 0 on VTAB-1k with a ViT", type=float)
     add("--batch-size", "global batch, over all processes", type=int)
@@ -93,18 +124,34 @@ def parse_args(argv=None):
         args.weights = os.path.abspath(args.weights)
     if args.data:  # the folders of a task list too, one by one; names (dtd, vtab-1k) stay names
         names = [name.strip() for name in args.data.split(",")]
-        args.data = ",".join(os.path.abspath(name) if data.is_path(name) else name for name in names)
-    return args, {key: getattr(args, key) for key in paper.DEFAULTS if getattr(args, key) is not None}
+        args.data = ",".join(
+            os.path.abspath(name) if data.is_path(name) else name for name in names
+        )
+    return args, {
+        key: getattr(args, key) for key in paper.DEFAULTS if getattr(args, key) is not None
+    }
 
 
 def check_options(args, error):
     """Numbers in their ranges, a device this machine has, and options that go together; else error(message)."""
-    for keys, ok, rule in ((("rank", "batch_size", "epochs", "img_size", "eval_every"), lambda v: v >= 1, "at least 1"),
-                           (("warmup_epochs", "workers"), lambda v: v >= 0, "at least 0"),
-                           (("lr", "weight_decay"), lambda v: 0 <= v <= 10, "a number from 0 to 10 (recipes: 0 to 0.05)"),
-                           (("adapter_dropout", "vit_dropout", "drop_path"), lambda v: 0 <= v < 1, "a rate in [0, 1)")):
+    for keys, ok, rule in (
+        (
+            ("rank", "batch_size", "epochs", "img_size", "eval_every"),
+            lambda v: v >= 1,
+            "at least 1",
+        ),
+        (("warmup_epochs", "workers"), lambda v: v >= 0, "at least 0"),
+        (
+            ("lr", "weight_decay"),
+            lambda v: 0 <= v <= 10,
+            "a number from 0 to 10 (recipes: 0 to 0.05)",
+        ),
+        (("adapter_dropout", "vit_dropout", "drop_path"), lambda v: 0 <= v < 1, "a rate in [0, 1)"),
+    ):
         for key in keys:
-            if getattr(args, key) is not None and not ok(getattr(args, key)):  # `not ok`: nan fails every test
+            if getattr(args, key) is not None and not ok(
+                getattr(args, key)
+            ):  # `not ok`: nan fails every test
                 error(f"{runs.flag(key)} {getattr(args, key)} must be {rule}")
     try:
         device_type = torch.device(args.device).type
@@ -115,9 +162,15 @@ def check_options(args, error):
     if device_type == "cuda" and not torch.cuda.is_available():
         error(f"--device {args.device}: torch sees no CUDA GPU here; use --device cpu")
     if args.eval_only != bool(args.checkpoint):
-        error("--eval-only and --checkpoint go together: --eval-only --checkpoint runs/<run>/adapters.pth")
-    if args.resume and args.out and os.path.abspath(args.out) not in (os.path.abspath(args.resume),
-                                                                        os.path.dirname(os.path.abspath(args.resume))):
+        error(
+            "--eval-only and --checkpoint go together: --eval-only --checkpoint runs/<run>/adapters.pth"
+        )
+    if (
+        args.resume
+        and args.out
+        and os.path.abspath(args.out)
+        not in (os.path.abspath(args.resume), os.path.dirname(os.path.abspath(args.resume)))
+    ):
         error(f"--resume {args.resume} and --out {args.out} name different runs: give one of them")
 
 
@@ -127,20 +180,35 @@ def check_options(args, error):
 
 def build_model(cfg, num_classes):
     adapters = cfg.method if cfg.method in ("arc", "arc_att") else None
-    family = dict(dropout=cfg.vit_dropout) if cfg.model.startswith("vit") else dict(
-        drop_path=cfg.drop_path, ffn_adapter=cfg.swin_ffn_adapter if adapters else "norm2")
+    family = (
+        dict(dropout=cfg.vit_dropout)
+        if cfg.model.startswith("vit")
+        else dict(
+            drop_path=cfg.drop_path, ffn_adapter=cfg.swin_ffn_adapter if adapters else "norm2"
+        )
+    )
     try:
-        return MODELS[cfg.model](num_classes=num_classes, img_size=cfg.img_size, rank=cfg.rank, **family,
-                                 arc=adapters, adapter_dropout=cfg.adapter_dropout)
+        return MODELS[cfg.model](
+            num_classes=num_classes,
+            img_size=cfg.img_size,
+            rank=cfg.rank,
+            **family,
+            arc=adapters,
+            adapter_dropout=cfg.adapter_dropout,
+        )
     except ValueError as e:
-        raise UserError(f"--img-size {cfg.img_size} does not suit --model {cfg.model}: {e}") from None
+        raise UserError(
+            f"--img-size {cfg.img_size} does not suit --model {cfg.model}: {e}"
+        ) from None
 
 
 def prepare_model(cfg, num_classes, weights_path, log):
     """The model of `cfg` with its pretrained weights, and only what its method trains trainable."""
     torch.manual_seed(cfg.seed)  # with --weights none the frozen backbone is the seed's random init
     model = build_model(cfg, num_classes)
-    with warnings.catch_warnings(record=True) as notes:  # the loaders' notes: a head left out, a resize
+    with warnings.catch_warnings(
+        record=True
+    ) as notes:  # the loaders' notes: a head left out, a resize
         warnings.simplefilter("always")
         runs.load_weights(model, cfg.model, cfg.weights, weights_path)
     for note in notes:
@@ -155,7 +223,9 @@ def prepare_model(cfg, num_classes, weights_path, log):
 
 def folds(cfg):
     """Whether the run's adapters fold into its weights: all do but the official Swin's FFN-side placement."""
-    return not (cfg.method == "arc" and cfg.model.startswith("swin") and cfg.swin_ffn_adapter == "residual")
+    return not (
+        cfg.method == "arc" and cfg.model.startswith("swin") and cfg.swin_ffn_adapter == "residual"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -181,8 +251,8 @@ def shares(order, batch_size, ctx):
     the process still takes part in DDP's step, and no kernel is given an empty batch."""
     indices, weights = [], []
     for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        share = batch[ctx.rank::ctx.world]
+        batch = order[start : start + batch_size]
+        share = batch[ctx.rank :: ctx.world]
         indices.append(share if len(share) else batch[:1])
         weights.append(ctx.world / len(batch) if len(share) else 0.0)
     return indices, weights
@@ -194,8 +264,13 @@ def frozen_in_bf16(model, enabled):
     casts only of tensors that require grad, and would cast these ~86M values again at every forward. The result
     is the same (autocast runs those layers in bf16 anyway). The float32 originals wait in host memory, not on
     the GPU (0.34 GB for ViT-B, 2.5 GB for ViT-H), and come back on exit, for folding."""
-    frozen = [p for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and enabled
-              for p in m.parameters(recurse=False) if not p.requires_grad]
+    frozen = [
+        p
+        for m in model.modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and enabled
+        for p in m.parameters(recurse=False)
+        if not p.requires_grad
+    ]
     originals = [p.data.to("cpu") for p in frozen]
     for p in frozen:
         p.data = p.data.to(torch.bfloat16)
@@ -224,7 +299,9 @@ def evaluate(model, loader, batch_size, ctx):
     model.eval()
     indices, loss_weights = shares(torch.arange(len(loader)), batch_size, ctx)
     counts = torch.zeros(2, device=ctx.device)  # correct, total: one host sync at the end
-    for images, labels in loader([i for i, w in zip(indices, loss_weights) if w]):  # weight 0: a stand-in, skipped
+    for images, labels in loader(
+        [i for i, w in zip(indices, loss_weights) if w]
+    ):  # weight 0: a stand-in, skipped
         with autocast(ctx.device):
             counts[0] += (model(data.normalize(images)).argmax(-1) == labels).sum()
         counts[1] += len(labels)
@@ -254,29 +331,50 @@ def run_task(given, out, ctx, resume=None):
     runs.check_out(out, fresh=not checkpoint)
     with torch.device("meta"):  # the options against the model, before any data is decoded
         build_model(cfg, num_classes=1)
-    ctx.log(f"{cfg.data}: {cfg.model} {cfg.method}, {recipe_name} recipe; " + ", ".join(
-        f"{key} {getattr(cfg, key)} ({sources[key]})" for key in ("rank", "batch_size", "epochs", "img_size", "seed",
-                                                                  *paper.RECIPE_KEYS) if sources[key] != "n/a"))
+    ctx.log(
+        f"{cfg.data}: {cfg.model} {cfg.method}, {recipe_name} recipe; "
+        + ", ".join(
+            f"{key} {getattr(cfg, key)} ({sources[key]})"
+            for key in ("rank", "batch_size", "epochs", "img_size", "seed", *paper.RECIPE_KEYS)
+            if sources[key] != "n/a"
+        )
+    )
     if done:
-        ctx.log(f"{out} has finished its {cfg.epochs} epochs (--resume with more --epochs trains it for longer)")
+        ctx.log(
+            f"{out} has finished its {cfg.epochs} epochs (--resume with more --epochs trains it for longer)"
+        )
         return done["result"]
     data.check(cfg.data, cfg.data_dir)  # cheap: before anything is downloaded or decoded
-    weights_path = runs.node_once(ctx, runs.weights_file, cfg.weights, cfg.model, ctx.log)  # before the decoding
-    cfg.weights_bytes = os.path.getsize(weights_path) if weights_path else 0  # its identity on --resume, --eval-only
-    task = runs.node_once(ctx, data.build, cfg.data, cfg.data_dir, cfg.img_size, ctx.workers, ctx.log)
+    weights_path = runs.node_once(
+        ctx, runs.weights_file, cfg.weights, cfg.model, ctx.log
+    )  # before the decoding
+    cfg.weights_bytes = (
+        os.path.getsize(weights_path) if weights_path else 0
+    )  # its identity on --resume, --eval-only
+    task = runs.node_once(
+        ctx, data.build, cfg.data, cfg.data_dir, cfg.img_size, ctx.workers, ctx.log
+    )
     cfg.classes = task.classes
     if checkpoint:
         runs.check_classes(checkpoint["config"]["classes"], task, f"--resume {out}: the run")
     model = prepare_model(cfg, task.num_classes, weights_path, ctx.log).to(ctx.device)
-    if ctx.rank:  # dropout and drop-path: each process draws its own masks, the first the one-process stream
-        torch.manual_seed(cfg.seed * 1_000_003 + 7_919 * ctx.rank)  # apart from the data order's and crops' seeds
+    if (
+        ctx.rank
+    ):  # dropout and drop-path: each process draws its own masks, the first the one-process stream
+        torch.manual_seed(
+            cfg.seed * 1_000_003 + 7_919 * ctx.rank
+        )  # apart from the data order's and crops' seeds
     params = [p for p in model.parameters() if p.requires_grad]
-    ctx.log(f"{task.description}\n{cfg.model} {cfg.method}: {sum(p.numel() for p in params):,} trainable parameters; "
-            f"{ctx.world} process(es) on {ctx.device}{', bf16 autocast' if ctx.device.type == 'cuda' else ''}; "
-            f"output in {out}")
+    ctx.log(
+        f"{task.description}\n{cfg.model} {cfg.method}: {sum(p.numel() for p in params):,} trainable parameters; "
+        f"{ctx.world} process(es) on {ctx.device}{', bf16 autocast' if ctx.device.type == 'cuda' else ''}; "
+        f"output in {out}"
+    )
     if ctx.rank == 0:
         os.makedirs(out, exist_ok=True)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=ctx.device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=ctx.device.type == "cuda"
+    )
     run = runs.Run(ctx, cfg, out, model, optimizer, history=[])
     if checkpoint:
         runs.restore_checkpoint(run, checkpoint)
@@ -292,33 +390,56 @@ def train(run, task):
     net, params = runs.distributed(model, ctx), [p for p in model.parameters() if p.requires_grad]
     train_data, test_data = data.Loader(task.train, ctx.device), data.Loader(task.test, ctx.device)
     steps = math.ceil(len(train_data) / cfg.batch_size)
-    pace, checkpoints = runs.Pace(ctx, (cfg.epochs - len(run.history)) * steps), runs.Checkpoints(run)
+    pace, checkpoints = (
+        runs.Pace(ctx, (cfg.epochs - len(run.history)) * steps),
+        runs.Checkpoints(run),
+    )
     with runs.StopFlag() as stop, frozen_in_bf16(model, ctx.device.type == "cuda"):
         for epoch in range(len(run.history), cfg.epochs):
-            started, losses = time.time(), torch.zeros(steps, device=ctx.device)  # read once, after the epoch
-            order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+            started, losses = (
+                time.time(),
+                torch.zeros(steps, device=ctx.device),
+            )  # read once, after the epoch
+            order = torch.randperm(
+                len(train_data), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            )
             indices, loss_weights = shares(order, cfg.batch_size, ctx)
-            for step, (images, labels) in enumerate(train_data(indices, seed=cfg.seed * 1000 + epoch)):
+            for step, (images, labels) in enumerate(
+                train_data(indices, seed=cfg.seed * 1000 + epoch)
+            ):
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(epoch * steps + step, cfg, steps)
-                losses[step] = train_step(net, optimizer, params, images, labels, loss_weights[step])
+                losses[step] = train_step(
+                    net, optimizer, params, images, labels, loss_weights[step]
+                )
                 pace.step()
                 if stop.is_set(ctx.control):
                     raise runs.Interrupted(stop.signum, epoch, checkpoints.epochs_saved)
             if ctx.world > 1:
                 dist.all_reduce(losses)  # world times the batch means: see shares
-            step_losses = (losses / ctx.world).tolist()  # the epoch's one host sync: the GPU's work is done, timed
+            step_losses = (
+                losses / ctx.world
+            ).tolist()  # the epoch's one host sync: the GPU's work is done, timed
             diverged = [step for step, loss in enumerate(step_losses) if not math.isfinite(loss)]
             if diverged:
-                raise UserError(f"the loss became nan or infinite at epoch {epoch + 1}, step {diverged[0] + 1}; the "
-                                f"last checkpoint ({run.out}/checkpoint.pth) is untouched. Try a lower --lr")
+                raise UserError(
+                    f"the loss became nan or infinite at epoch {epoch + 1}, step {diverged[0] + 1}; the "
+                    f"last checkpoint ({run.out}/checkpoint.pth) is untouched. Try a lower --lr"
+                )
             seconds = time.time() - started
-            metrics = {"epoch": epoch + 1, "loss": round(sum(step_losses) / steps, 5), "lr": optimizer.param_groups[0]["lr"],
-                       "train_s": round(seconds, 2), "images_per_s": round(len(train_data) / seconds, 1)}
+            metrics = {
+                "epoch": epoch + 1,
+                "loss": round(sum(step_losses) / steps, 5),
+                "lr": optimizer.param_groups[0]["lr"],
+                "train_s": round(seconds, 2),
+                "images_per_s": round(len(train_data) / seconds, 1),
+            }
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 metrics["test_acc"] = evaluate(model, test_data, 4 * cfg.batch_size, ctx)
                 metrics["test_s"] = round(time.time() - started - metrics["train_s"], 2)
-            metrics["elapsed_s"] = round(time.time() - started + (run.history[-1]["elapsed_s"] if run.history else 0), 1)
+            metrics["elapsed_s"] = round(
+                time.time() - started + (run.history[-1]["elapsed_s"] if run.history else 0), 1
+            )
             run.history.append(metrics)
             stopping = stop.is_set(ctx.control)
             checkpoints.after_epoch(stopping)
@@ -329,9 +450,12 @@ def train(run, task):
 
 def log_epoch(ctx, metrics, epochs):
     eta = metrics["elapsed_s"] / metrics["epoch"] * (epochs - metrics["epoch"])
-    ctx.log(f"epoch {metrics['epoch']:3d}/{epochs}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
-            f"{metrics['images_per_s']:7.1f} img/s  elapsed {runs.fmt_time(metrics['elapsed_s'])}  "
-            f"eta {runs.fmt_time(eta)}" + (f"  test {metrics['test_acc']:.2f}%" if "test_acc" in metrics else ""))
+    ctx.log(
+        f"epoch {metrics['epoch']:3d}/{epochs}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
+        f"{metrics['images_per_s']:7.1f} img/s  elapsed {runs.fmt_time(metrics['elapsed_s'])}  "
+        f"eta {runs.fmt_time(eta)}"
+        + (f"  test {metrics['test_acc']:.2f}%" if "test_acc" in metrics else "")
+    )
 
 
 def finish(run, task, setup_seconds):
@@ -339,28 +463,51 @@ def finish(run, task, setup_seconds):
     Returns the result: final and best accuracy, trainable parameters, seconds."""
     started, tested = time.time(), [m["test_acc"] for m in run.history if "test_acc" in m]
     trained = runs.trained_tensors(run.model)
-    result = {"final": tested[-1], "best": max(tested), "trainable": sum(v.numel() for v in trained.values()),
-              "seconds": {"setup": round(setup_seconds, 1),
-                          "training": round(sum(m["train_s"] for m in run.history), 1),
-                          "testing": round(sum(m.get("test_s", 0) for m in run.history), 1)}}
+    result = {
+        "final": tested[-1],
+        "best": max(tested),
+        "trainable": sum(v.numel() for v in trained.values()),
+        "seconds": {
+            "setup": round(setup_seconds, 1),
+            "training": round(sum(m["train_s"] for m in run.history), 1),
+            "testing": round(sum(m.get("test_s", 0) for m in run.history), 1),
+        },
+    }
     if not folds(run.cfg):
-        run.ctx.log("adapters not folded: with --swin-ffn-adapter residual (the official ARC Swin's placement) the "
-                    "FFN adapter transforms the residual stream, which no weight can absorb; adapters.pth is the run")
+        run.ctx.log(
+            "adapters not folded: with --swin-ffn-adapter residual (the official ARC Swin's placement) the "
+            "FFN adapter transforms the residual stream, which no weight can absorb; adapters.pth is the run"
+        )
     elif run.cfg.method in ("arc", "arc_att"):
         run.ctx.log(fold_and_compare(run.model, task.test, run.ctx.device))
     result["seconds"]["finish"] = round(time.time() - started, 1)
-    record = {**vars(run.cfg), "result": result, "folded": folds(run.cfg)}  # runs.finished asks for folded.pth
+    record = {
+        **vars(run.cfg),
+        "result": result,
+        "folded": folds(run.cfg),
+    }  # runs.finished asks for folded.pth
     adapters, folded = os.path.join(run.out, "adapters.pth"), os.path.join(run.out, "folded.pth")
-    if run.ctx.rank == 0:  # folded.pth: the plain architecture, whatever the method (--eval-only reads it so)
+    if (
+        run.ctx.rank == 0
+    ):  # folded.pth: the plain architecture, whatever the method (--eval-only reads it so)
         if folds(run.cfg):
-            runs.save_atomic({"config": {**record, "method": "folded", "trained_with": run.cfg.method},
-                              "state_dict": {k: v.cpu() for k, v in run.model.state_dict().items()}}, folded)
-        runs.save_atomic({"config": record, "state_dict": trained}, adapters)  # last: the run is done
-        run.ctx.log(f"summary: {run.cfg.model} {run.cfg.method} on {run.cfg.data}: {result['trainable']:,} trainable "
-                    f"parameters, final test accuracy {result['final']:.2f}%, best over evaluated epochs "
-                    f"{result['best']:.2f}% (selected on the test set, as the official code reports), "
-                    f"{runs.fmt_time(run.history[-1]['elapsed_s'])} training and testing\nsaved {adapters} "
-                    f"({os.path.getsize(adapters) / 1e6:.2f} MB)" + f" and {folded}" * folds(run.cfg))
+            runs.save_atomic(
+                {
+                    "config": {**record, "method": "folded", "trained_with": run.cfg.method},
+                    "state_dict": {k: v.cpu() for k, v in run.model.state_dict().items()},
+                },
+                folded,
+            )
+        runs.save_atomic(
+            {"config": record, "state_dict": trained}, adapters
+        )  # last: the run is done
+        run.ctx.log(
+            f"summary: {run.cfg.model} {run.cfg.method} on {run.cfg.data}: {result['trainable']:,} trainable "
+            f"parameters, final test accuracy {result['final']:.2f}%, best over evaluated epochs "
+            f"{result['best']:.2f}% (selected on the test set, as the official code reports), "
+            f"{runs.fmt_time(run.history[-1]['elapsed_s'])} training and testing\nsaved {adapters} "
+            f"({os.path.getsize(adapters) / 1e6:.2f} MB)" + f" and {folded}" * folds(run.cfg)
+        )
     return result
 
 
@@ -374,17 +521,26 @@ def fold_and_compare(model, test_split, device, n=64):
     arc.reparameterize(model)
     gap, scale = torch.stack([(model(images) - before).abs().max(), before.abs().max()]).tolist()
     agree = "(they agree)" if gap <= 1e-3 * scale + 1e-5 else "MISMATCH: please report this"
-    return (f"adapters folded into the weights: float32 logits of {len(images)} test images within {gap:.1e} of the "
-            f"unfolded model's (largest {scale:.2f}) {agree}")
+    return (
+        f"adapters folded into the weights: float32 logits of {len(images)} test images within {gap:.1e} of the "
+        f"unfolded model's (largest {scale:.2f}) {agree}"
+    )
 
 
 def eval_only(args, given, ctx):
     """Rebuild the model a checkpoint records and test it; the command line may say where its data and
     weights are now."""
     source = f"--checkpoint {args.checkpoint}"
-    saved = runs.read_saved(args.checkpoint, "--checkpoint", ("config", "state_dict"), "an adapters.pth or folded.pth")
-    cfg = SimpleNamespace(**{**paper.DEFAULTS, **saved["config"], **{k: v for k, v in given.items() if k in ("data_dir",
-                                                                                                      "weights")}})
+    saved = runs.read_saved(
+        args.checkpoint, "--checkpoint", ("config", "state_dict"), "an adapters.pth or folded.pth"
+    )
+    cfg = SimpleNamespace(
+        **{
+            **paper.DEFAULTS,
+            **saved["config"],
+            **{k: v for k, v in given.items() if k in ("data_dir", "weights")},
+        }
+    )
     cfg.data = given["data"] if "data" in given and data.is_path(cfg.data) else cfg.data
     data.check(cfg.data, cfg.data_dir)
     if cfg.method == "folded":
@@ -392,15 +548,23 @@ def eval_only(args, given, ctx):
         try:
             model.load_state_dict(saved["state_dict"])
         except RuntimeError as e:
-            raise UserError(f"{source} does not fit {cfg.model}: {' '.join(str(e).split())[:300]}") from None
+            raise UserError(
+                f"{source} does not fit {cfg.model}: {' '.join(str(e).split())[:300]}"
+            ) from None
     else:
         runs.check_weights(given, saved["config"], source)
-        model = prepare_model(cfg, len(cfg.classes), runs.weights_file(cfg.weights, cfg.model, ctx.log), ctx.log)
+        model = prepare_model(
+            cfg, len(cfg.classes), runs.weights_file(cfg.weights, cfg.model, ctx.log), ctx.log
+        )
         runs.load_trained_tensors(model, saved["state_dict"], args.checkpoint)
     task = data.build(cfg.data, cfg.data_dir, cfg.img_size, ctx.workers, ctx.log)
     runs.check_classes(cfg.classes, task, source)
-    accuracy = evaluate(model.to(ctx.device), data.Loader(task.test, ctx.device), 4 * cfg.batch_size, ctx)
-    ctx.log(f"{args.checkpoint}: {cfg.model} {cfg.method} on {cfg.data}: test accuracy {accuracy:.2f}%")
+    accuracy = evaluate(
+        model.to(ctx.device), data.Loader(task.test, ctx.device), 4 * cfg.batch_size, ctx
+    )
+    ctx.log(
+        f"{args.checkpoint}: {cfg.model} {cfg.method} on {cfg.data}: test accuracy {accuracy:.2f}%"
+    )
     return accuracy
 
 
@@ -410,7 +574,9 @@ def eval_only(args, given, ctx):
 def default_out(given):
     """runs/<data>_<model>_<method>; a task list's entries joined by '+', each folder by its own name."""
     setting = {**paper.DEFAULTS, **given}
-    tasks = "+".join(os.path.basename(os.path.normpath(task)) for task in setting["data"].split(","))
+    tasks = "+".join(
+        os.path.basename(os.path.normpath(task)) for task in setting["data"].split(",")
+    )
     return os.path.join("runs", f"{tasks}_{setting['model']}_{setting['method']}")
 
 
@@ -419,7 +585,9 @@ def main(argv=None):
     ctx = runs.setup_distributed(args.device, args.workers)
     resume = args.resume and os.path.abspath(args.resume)
     folder = resume and runs.run_folder(resume)
-    in_suite = bool(folder) and os.path.isfile(os.path.join(folder, "suite.json"))  # --resume names a suite's folder
+    in_suite = bool(folder) and os.path.isfile(
+        os.path.join(folder, "suite.json")
+    )  # --resume names a suite's folder
     suite = in_suite or bool(paper.suite_tasks(given.get("data", "")))
     out = folder or args.out or default_out(given)
     try:
@@ -433,10 +601,17 @@ def main(argv=None):
         sys.exit(1)
     except runs.Interrupted as e:
         if ctx.rank == 0:
-            print(f"\n{e}. {runs.continue_with(e.epochs_saved or suite, out, ctx)}", file=sys.stderr)
+            print(
+                f"\n{e}. {runs.continue_with(e.epochs_saved or suite, out, ctx)}", file=sys.stderr
+            )
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:  # before training began, or a second Ctrl-C: checkpoints are written atomically
-        print("\nstopped at once; checkpoint.pth, if there is one, holds the last epoch it saved", file=sys.stderr)
+    except (
+        KeyboardInterrupt
+    ):  # before training began, or a second Ctrl-C: checkpoints are written atomically
+        print(
+            "\nstopped at once; checkpoint.pth, if there is one, holds the last epoch it saved",
+            file=sys.stderr,
+        )
         sys.exit(128 + signal.SIGINT)
     finally:
         if dist.is_initialized():

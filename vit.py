@@ -15,6 +15,7 @@ arc.add_adapters fills them (W: down_proj_att, down_proj_ffn; c_l, b_l: blocks.{
 GELU and after its fc2; none in attention. It has no parameters, so state dicts do not change.
 Notes on loading (a head left out, position embeddings resized) are warnings: the caller shows them.
 """
+
 import os
 import tempfile
 import warnings
@@ -28,16 +29,19 @@ import torch.nn.functional as F
 from arc import add_adapters, arc_state_dict
 
 CONFIGS = {  # name -> patch size, width, depth, heads, MLP width
-    "vit_t16": (16, 192, 12, 3, 768), "vit_s16": (16, 384, 12, 6, 1536), "vit_b16": (16, 768, 12, 12, 3072),
-    "vit_l16": (16, 1024, 24, 16, 4096), "vit_h14": (14, 1280, 32, 16, 5120),
+    "vit_t16": (16, 192, 12, 3, 768),
+    "vit_s16": (16, 384, 12, 6, 1536),
+    "vit_b16": (16, 768, 12, 12, 3072),
+    "vit_l16": (16, 1024, 24, 16, 4096),
+    "vit_h14": (14, 1280, 32, 16, 5120),
 }
 # ImageNet-21k checkpoints: the original ones ARC starts from (B, L, H), and for Ti and S the AugReg ones
 # timm's pretrained configs name (vit_tiny_patch16_224.augreg_in21k, vit_small_patch16_224.augreg_in21k)
 URLS = {
     "vit_t16": "https://storage.googleapis.com/vit_models/augreg/"
-               "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz",
+    "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz",
     "vit_s16": "https://storage.googleapis.com/vit_models/augreg/"
-               "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz",
+    "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz",
     "vit_b16": "https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz",
     "vit_l16": "https://storage.googleapis.com/vit_models/imagenet21k/ViT-L_16.npz",
     "vit_h14": "https://storage.googleapis.com/vit_models/imagenet21k/ViT-H_14.npz",
@@ -76,7 +80,10 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
         self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, mlp_dim, dropout)
-        self.adapter_att, self.adapter_ffn = nn.Identity(), nn.Identity()  # slots that arc.add_adapters fills
+        self.adapter_att, self.adapter_ffn = (
+            nn.Identity(),
+            nn.Identity(),
+        )  # slots that arc.add_adapters fills
         self.adapter_feeds = FEEDS  # what forward sends their output to
 
     def forward(self, x):
@@ -85,13 +92,27 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, patch_size, dim, depth, heads, mlp_dim, num_classes=1000, img_size=224,
-                 arc=None, rank=50, adapter_dropout=0.1, dropout=0.0):
+    def __init__(
+        self,
+        patch_size,
+        dim,
+        depth,
+        heads,
+        mlp_dim,
+        num_classes=1000,
+        img_size=224,
+        arc=None,
+        rank=50,
+        adapter_dropout=0.1,
+        dropout=0.0,
+    ):
         super().__init__()
         if arc not in (None, "arc", "arc_att"):
             raise ValueError(f"arc must be None, 'arc' or 'arc_att', not {arc!r}")
         if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} is not a multiple of the patch size {patch_size}")
+            raise ValueError(
+                f"img_size {img_size} is not a multiple of the patch size {patch_size}"
+            )
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), not {dropout}")
         self.config = (patch_size, dim, depth, heads, mlp_dim)
@@ -104,7 +125,9 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, num_classes)
-        nn.init.zeros_(self.head.weight)  # as the official recipe: the new task starts from zero logits
+        nn.init.zeros_(
+            self.head.weight
+        )  # as the official recipe: the new task starts from zero logits
         nn.init.zeros_(self.head.bias)
         if arc:
             targets = {position: f"blocks.*.{layer}" for position, layer in FEEDS.items()}
@@ -112,17 +135,32 @@ class VisionTransformer(nn.Module):
 
     def forward(self, images):
         x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
-        x = self.pos_drop(torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed)
+        x = self.pos_drop(
+            torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
+        )
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x[:, 0]))
 
 
-def vit_t16(**kw): return VisionTransformer(*CONFIGS["vit_t16"], **kw)
-def vit_s16(**kw): return VisionTransformer(*CONFIGS["vit_s16"], **kw)
-def vit_b16(**kw): return VisionTransformer(*CONFIGS["vit_b16"], **kw)
-def vit_l16(**kw): return VisionTransformer(*CONFIGS["vit_l16"], **kw)
-def vit_h14(**kw): return VisionTransformer(*CONFIGS["vit_h14"], **kw)
+def vit_t16(**kw):
+    return VisionTransformer(*CONFIGS["vit_t16"], **kw)
+
+
+def vit_s16(**kw):
+    return VisionTransformer(*CONFIGS["vit_s16"], **kw)
+
+
+def vit_b16(**kw):
+    return VisionTransformer(*CONFIGS["vit_b16"], **kw)
+
+
+def vit_l16(**kw):
+    return VisionTransformer(*CONFIGS["vit_l16"], **kw)
+
+
+def vit_h14(**kw):
+    return VisionTransformer(*CONFIGS["vit_h14"], **kw)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -150,13 +188,19 @@ def download(url, progress=False):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         os.rmdir(tempfile.mkdtemp(dir=os.path.dirname(path)))
     except OSError as e:
-        raise CheckpointError(f"cannot write torch hub's cache {os.path.dirname(path)} ({e.strerror}): set "
-                              f"TORCH_HOME to a folder you can write, or download {url} yourself") from None
+        raise CheckpointError(
+            f"cannot write torch hub's cache {os.path.dirname(path)} ({e.strerror}): set "
+            f"TORCH_HOME to a folder you can write, or download {url} yourself"
+        ) from None
     try:
         torch.hub.download_url_to_file(url, path, progress=progress)
-    except Exception as e:  # URLError, a reset connection, a timeout, an HTTP error: all leave no file
-        raise CheckpointError(f"could not download {url} ({type(e).__name__}: {e}). Looked for {path}: download "
-                              f"it by hand and put it there") from None
+    except (
+        Exception
+    ) as e:  # URLError, a reset connection, a timeout, an HTTP error: all leave no file
+        raise CheckpointError(
+            f"could not download {url} ({type(e).__name__}: {e}). Looked for {path}: download "
+            f"it by hand and put it there"
+        ) from None
     return path
 
 
@@ -164,8 +208,10 @@ def published(model, configs, urls):
     """The published checkpoint of `model`'s size (the name of its .config in `configs`), downloaded once."""
     name = next((name for name, config in configs.items() if config == model.config), None)
     if name is None:
-        raise CheckpointError(f"no published weights for a {type(model).__name__} of configuration {model.config} "
-                              f"(those with published weights: {', '.join(configs)})")
+        raise CheckpointError(
+            f"no published weights for a {type(model).__name__} of configuration {model.config} "
+            f"(those with published weights: {', '.join(configs)})"
+        )
     return download(urls[name])
 
 
@@ -174,12 +220,18 @@ def read_state_dict(path):
     'state_dict' (Microsoft's and many training scripts' layout)."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns about the pickle protocol of files it then refuses
+            warnings.simplefilter(
+                "ignore"
+            )  # torch warns about the pickle protocol of files it then refuses
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
-    except Exception:  # what torch says (a missing zip record, an unpickling opcode) would not tell a user why
-        raise CheckpointError(f"{path}: unreadable as a torch checkpoint: it is {describe_file(path)}") from None
+    except (
+        Exception
+    ):  # what torch says (a missing zip record, an unpickling opcode) would not tell a user why
+        raise CheckpointError(
+            f"{path}: unreadable as a torch checkpoint: it is {describe_file(path)}"
+        ) from None
     for key in ("model", "state_dict"):
         sd = sd.get(key, sd) if isinstance(sd, dict) else sd
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
@@ -204,8 +256,10 @@ def describe_file(path):
         if names and all(name.endswith(".npy") for name in names):
             return "a NumPy .npz archive (Google's ViT format), not a torch checkpoint"
         if any(name.endswith("data.pkl") for name in names):
-            return ("a torch file holding a pickled object, not a state dict of tensors (save "
-                    "model.state_dict() with torch.save, not the model)")
+            return (
+                "a torch file holding a pickled object, not a state dict of tensors (save "
+                "model.state_dict() with torch.save, not the model)"
+            )
         return "a zip archive of other files"
     if head.startswith(b"\x80"):
         return "a Python pickle, not a torch state dict (save model.state_dict() with torch.save)"
@@ -226,18 +280,36 @@ def load_backbone(model, state_dict, source, head="head"):
     is_head = lambda k: k.startswith(f"{head}.")
     missing = [k for k in own if k not in state_dict and not is_head(k)]
     unexpected = [k for k in state_dict if k not in own and not is_head(k)]
-    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-             if k in state_dict and state_dict[k].shape != v.shape and not is_head(k)]
+    wrong = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state_dict and state_dict[k].shape != v.shape and not is_head(k)
+    ]
     if missing or unexpected or wrong:
-        problems = [f"{what} {names[:4]}" for what, names in
-                    (("missing", missing), ("unexpected", unexpected), ("shape file vs model", wrong)) if names]
-        raise CheckpointError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems)
-                              + " (is it a checkpoint of this architecture and size?)")
+        problems = [
+            f"{what} {names[:4]}"
+            for what, names in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("shape file vs model", wrong),
+            )
+            if names
+        ]
+        raise CheckpointError(
+            f"{source} does not fit {type(model).__name__}: "
+            + "; ".join(problems)
+            + " (is it a checkpoint of this architecture and size?)"
+        )
     head_keys = [k for k in own if is_head(k)]
-    if head_keys and not all(k in state_dict and state_dict[k].shape == own[k].shape for k in head_keys):
+    if head_keys and not all(
+        k in state_dict and state_dict[k].shape == own[k].shape for k in head_keys
+    ):
         shapes = [tuple(state_dict[k].shape) for k in head_keys if k in state_dict]
-        warnings.warn(f"head not loaded from {source} (file {shapes or 'none'}, model "
-                      f"{[tuple(own[k].shape) for k in head_keys]}): it starts from its initialisation", stacklevel=3)
+        warnings.warn(
+            f"head not loaded from {source} (file {shapes or 'none'}, model "
+            f"{[tuple(own[k].shape) for k in head_keys]}): it starts from its initialisation",
+            stacklevel=3,
+        )
         state_dict = {k: v for k, v in state_dict.items() if not is_head(k)}
     model.load_state_dict(state_dict, strict=False)
     return model
@@ -245,33 +317,53 @@ def load_backbone(model, state_dict, source, head="head"):
 
 def convert_npz(arrays):
     """Google's .npz names and layouts -> this model's (timm's) state dict. pre_logits is dropped."""
-    prefix = next((k[: -len("embedding/kernel")] for k in arrays if k.endswith("embedding/kernel")), None)
+    prefix = next(
+        (k[: -len("embedding/kernel")] for k in arrays if k.endswith("embedding/kernel")), None
+    )
     if prefix is None:
         raise KeyError("no 'embedding/kernel' array")
-    a = {k[len(prefix):]: torch.from_numpy(np.asarray(v, dtype=np.float32))
-         for k, v in arrays.items() if k.startswith(prefix)}
-    sd = {"patch_embed.proj.weight": a["embedding/kernel"].permute(3, 2, 0, 1),  # HWIO -> OIHW
-          "patch_embed.proj.bias": a["embedding/bias"], "cls_token": a["cls"],
-          "pos_embed": a["Transformer/posembed_input/pos_embedding"],
-          "norm.weight": a["Transformer/encoder_norm/scale"], "norm.bias": a["Transformer/encoder_norm/bias"]}
+    a = {
+        k[len(prefix) :]: torch.from_numpy(np.asarray(v, dtype=np.float32))
+        for k, v in arrays.items()
+        if k.startswith(prefix)
+    }
+    sd = {
+        "patch_embed.proj.weight": a["embedding/kernel"].permute(3, 2, 0, 1),  # HWIO -> OIHW
+        "patch_embed.proj.bias": a["embedding/bias"],
+        "cls_token": a["cls"],
+        "pos_embed": a["Transformer/posembed_input/pos_embedding"],
+        "norm.weight": a["Transformer/encoder_norm/scale"],
+        "norm.bias": a["Transformer/encoder_norm/bias"],
+    }
     if "head/kernel" in a:
         sd["head.weight"], sd["head.bias"] = a["head/kernel"].T, a["head/bias"]
     i = 0
     while f"Transformer/encoderblock_{i}/LayerNorm_0/scale" in a:
         src, dst = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
         att = src + "MultiHeadDotProductAttention_1/"
-        qkv = [a[f"{att}{n}/kernel"] for n in ("query", "key", "value")]  # (dim, heads, head_dim) each
-        sd.update({
-            dst + "norm1.weight": a[src + "LayerNorm_0/scale"], dst + "norm1.bias": a[src + "LayerNorm_0/bias"],
-            dst + "attn.qkv.weight": torch.cat([k.flatten(1).T for k in qkv]),
-            dst + "attn.qkv.bias": torch.cat([a[f"{att}{n}/bias"].flatten() for n in ("query", "key", "value")]),
-            dst + "attn.proj.weight": a[att + "out/kernel"].flatten(0, 1).T,  # (heads, head_dim, dim)
-            dst + "attn.proj.bias": a[att + "out/bias"],
-            dst + "norm2.weight": a[src + "LayerNorm_2/scale"], dst + "norm2.bias": a[src + "LayerNorm_2/bias"],
-            dst + "mlp.fc1.weight": a[src + "MlpBlock_3/Dense_0/kernel"].T,
-            dst + "mlp.fc1.bias": a[src + "MlpBlock_3/Dense_0/bias"],
-            dst + "mlp.fc2.weight": a[src + "MlpBlock_3/Dense_1/kernel"].T,
-            dst + "mlp.fc2.bias": a[src + "MlpBlock_3/Dense_1/bias"]})
+        qkv = [
+            a[f"{att}{n}/kernel"] for n in ("query", "key", "value")
+        ]  # (dim, heads, head_dim) each
+        sd.update(
+            {
+                dst + "norm1.weight": a[src + "LayerNorm_0/scale"],
+                dst + "norm1.bias": a[src + "LayerNorm_0/bias"],
+                dst + "attn.qkv.weight": torch.cat([k.flatten(1).T for k in qkv]),
+                dst + "attn.qkv.bias": torch.cat(
+                    [a[f"{att}{n}/bias"].flatten() for n in ("query", "key", "value")]
+                ),
+                dst + "attn.proj.weight": a[att + "out/kernel"]
+                .flatten(0, 1)
+                .T,  # (heads, head_dim, dim)
+                dst + "attn.proj.bias": a[att + "out/bias"],
+                dst + "norm2.weight": a[src + "LayerNorm_2/scale"],
+                dst + "norm2.bias": a[src + "LayerNorm_2/bias"],
+                dst + "mlp.fc1.weight": a[src + "MlpBlock_3/Dense_0/kernel"].T,
+                dst + "mlp.fc1.bias": a[src + "MlpBlock_3/Dense_0/bias"],
+                dst + "mlp.fc2.weight": a[src + "MlpBlock_3/Dense_1/kernel"].T,
+                dst + "mlp.fc2.bias": a[src + "MlpBlock_3/Dense_1/bias"],
+            }
+        )
         i += 1
     return sd
 
@@ -279,7 +371,7 @@ def convert_npz(arrays):
 def resize_pos_embed(pos_embed, num_patches):
     """Interpolate the patch-grid part of (1, 1 + g*g, d) position embeddings to num_patches; keep cls."""
     cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
-    old, new = int(grid.shape[1] ** 0.5), int(num_patches ** 0.5)
+    old, new = int(grid.shape[1] ** 0.5), int(num_patches**0.5)
     grid = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
     return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, new * new, -1)], dim=1)
@@ -295,7 +387,9 @@ def read_checkpoint(path):
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except Exception:  # numpy's words (a pickle it will not load, a bad zip) would not say why
-        raise CheckpointError(f"{path}: unreadable as a Google ViT .npz: it is {describe_file(path)}") from None
+        raise CheckpointError(
+            f"{path}: unreadable as a Google ViT .npz: it is {describe_file(path)}"
+        ) from None
     try:
         return convert_npz(arrays)
     except KeyError as e:
@@ -309,8 +403,15 @@ def load_pretrained(model, path):
     path = published(model, CONFIGS, URLS) if path == "auto" else path
     sd = read_checkpoint(path)
     pos = sd.get("pos_embed")
-    if pos is not None and pos.shape[-1] == model.pos_embed.shape[-1] and pos.shape != model.pos_embed.shape:
-        warnings.warn(f"position embeddings resized from {pos.shape[1] - 1} to {model.pos_embed.shape[1] - 1} "
-                      f"patches", stacklevel=2)
+    if (
+        pos is not None
+        and pos.shape[-1] == model.pos_embed.shape[-1]
+        and pos.shape != model.pos_embed.shape
+    ):
+        warnings.warn(
+            f"position embeddings resized from {pos.shape[1] - 1} to {model.pos_embed.shape[1] - 1} "
+            f"patches",
+            stacklevel=2,
+        )
         sd["pos_embed"] = resize_pos_embed(pos, model.pos_embed.shape[1] - 1)
     return load_backbone(model, sd, path)

@@ -1,0 +1,456 @@
+"""Tests of data.py: every reader on small datasets written under tmp_path in the published layouts, the crops,
+the loader.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tarfile
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import data
+from conftest import (
+    GOOD_IMAGES,
+    IMG_SIZE,
+    fgvc_cars,
+    fgvc_pictures,
+    write_dtd_release,
+    write_image,
+    write_list,
+    write_vtab_with_broken_images,
+)
+
+# ---------------------------------------------------------------------------------------------------
+# The data (data.py): every reader on small datasets written under tmp_path, the crops, the Loader
+
+
+def image_ident(image):
+    """The ident of an image written by write_image, from its uint8 (3, H, W) tensor."""
+    digits = ((image.float().mean((1, 2)) - 4) / 8).round().long().tolist()
+    return sum(d * 32**c for c, d in enumerate(digits))
+
+
+def dataset_idents(dataset):
+    return [image_ident(dataset[i][0]) for i in range(len(dataset))]
+
+
+def dataset_labels(dataset):
+    return [dataset[i][1] for i in range(len(dataset))]
+
+
+def write_vtab(root, train, test, task="eurosat"):
+    """A VTAB-1k task folder in NOAH's layout; train/test: [(ident, label)]; returns the folder."""
+    folder = root / "vtab-1k" / task
+    for split, samples in (("train800val200", train), ("test", test)):
+        for ident, _ in samples:
+            write_image(folder / "images" / split / f"{ident:06d}.jpg", ident)
+        write_list(
+            folder / f"{split}.txt", [f"images/{split}/{i:06d}.jpg {label}" for i, label in samples]
+        )
+    return folder
+
+
+def tfds_first(names, split, n):
+    return sorted(names, key=lambda name: hashlib.md5(split.encode() + name.encode()).digest())[:n]
+
+
+def build_error(match, *args, **kw):
+    with pytest.raises(data.DataError, match=match) as info:
+        data.build(*args, img_size=IMG_SIZE, **kw)
+    assert "\n" not in str(info.value) and "Traceback" not in str(info.value)
+    return str(info.value)
+
+
+def test_data_synthetic_is_balanced_deterministic_uint8():
+    task = data.build("synthetic", img_size=IMG_SIZE)
+    assert isinstance(task.train, data.Preloaded) and isinstance(task.test, data.Preloaded)
+    assert (
+        task.train.images.shape == (500, 3, IMG_SIZE, IMG_SIZE)
+        and task.train.images.dtype == torch.uint8
+    )
+    assert task.test.images.shape == (200, 3, IMG_SIZE, IMG_SIZE)
+    assert task.train.labels.dtype == torch.int64 and task.num_classes == 10
+    assert torch.bincount(task.train.labels).tolist() == [50] * 10
+    assert torch.bincount(task.test.labels).tolist() == [20] * 10
+    again = data.build("synthetic", img_size=IMG_SIZE)
+    assert torch.equal(again.train.images, task.train.images) and torch.equal(
+        again.test.images, task.test.images
+    )
+    image, label = task.train[0]
+    assert image.shape == (3, IMG_SIZE, IMG_SIZE) and isinstance(label, int)
+    # classes differ in mean colour, so even a linear head on raw statistics separates them
+    means = torch.stack(
+        [task.train.images[task.train.labels == k].float().mean((0, 2, 3)) for k in range(10)]
+    )
+    assert torch.cdist(means, means).add(torch.eye(10) * 1e3).min() > 20
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_data_vtab_lists_give_images_and_labels(tmp_path, workers):
+    train, test = [(0, 3), (1, 0), (2, 9), (3, 3)], [(10, 1), (11, 7)]
+    write_vtab(tmp_path, train, test)
+    task = data.build("eurosat", data_dir=str(tmp_path), img_size=IMG_SIZE, workers=workers)
+    assert task.num_classes == 10 and isinstance(task.train, data.Preloaded)
+    assert task.train.images.shape == (4, 3, IMG_SIZE, IMG_SIZE)
+    for dataset, samples in ((task.train, train), (task.test, test)):
+        assert list(zip(dataset_idents(dataset), dataset_labels(dataset))) == samples
+    assert "eurosat" in task.description and "4 train" in task.description
+
+
+def test_data_dtd_lists_win_over_torchvision(tmp_path):
+    write_vtab(tmp_path, [(0, 46), (1, 2)], [(2, 5)], task="dtd")
+    task = data.build("dtd", data_dir=str(tmp_path), img_size=IMG_SIZE, workers=0)
+    assert (
+        task.num_classes == 47
+        and dataset_labels(task.train) == [46, 2]
+        and "VTAB-1k dtd" in task.description
+    )
+
+
+def test_data_dtd_torchvision_release_on_the_vtab_protocol(tmp_path):
+    classes = ["zigzagged", "banded", "meshed", "dotted", "lined"]  # created out of order
+    names, idents = write_dtd_release(tmp_path, classes, counts=(180, 50, 4))
+    task = data.build("dtd", data_dir=str(tmp_path), img_size=IMG_SIZE, workers=2)
+    expected = tfds_first(names["train"], "train", 800) + tfds_first(
+        names["val"], "validation", 200
+    )
+    assert dataset_idents(task.train) == [idents[name] for name in expected]
+    order = sorted(classes)  # torchvision's and TFDS's class indices
+    assert dataset_labels(task.train) == [order.index(name.split("/")[0]) for name in expected]
+    assert set(dataset_labels(task.train)) == set(
+        range(5)
+    )  # the first 800 lines would miss a class
+    assert dataset_idents(task.test) == [idents[name] for name in names["test"]]
+    assert dataset_labels(task.test) == [order.index(name.split("/")[0]) for name in names["test"]]
+    assert (
+        task.num_classes == 5 and "1000 train" in task.description and "20 test" in task.description
+    )
+
+
+def test_data_dtd_download_failure_says_where_and_how(tmp_path, monkeypatch):
+    def no_network(*args, **kw):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(
+        urllib.request, "urlopen", no_network
+    )  # what torchvision's download goes through
+    message = build_error("DTD not found", "dtd", data_dir=str(tmp_path))
+    url = torchvision.datasets.DTD._URL
+    assert url in message and "no network" in message
+    assert os.path.join(str(tmp_path), "dtd", "dtd", "images") in message
+    assert os.path.join(str(tmp_path), "dtd", os.path.basename(url)) in message
+
+
+def test_data_dtd_archive_placed_by_hand_needs_no_network(tmp_path, monkeypatch):
+    source = tmp_path / "source"
+    names, idents = write_dtd_release(source, ["banded", "woven"], counts=(3, 2, 2))
+    archive = tmp_path / "data" / "dtd" / os.path.basename(torchvision.datasets.DTD._URL)
+    os.makedirs(archive.parent)
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(
+            source / "dtd" / "dtd", arcname="dtd"
+        )  # the release unpacks to dtd/{images,labels,imdb}
+    monkeypatch.setattr(
+        torchvision.datasets.DTD, "_MD5", hashlib.md5(archive.read_bytes()).hexdigest()
+    )
+
+    def no_network(*args, **kw):
+        raise AssertionError("tried the network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    task = data.build("dtd", data_dir=str(tmp_path / "data"), img_size=IMG_SIZE, workers=0)
+    assert len(task.train) == 10 and dataset_idents(task.test) == [
+        idents[name] for name in names["test"]
+    ]
+
+
+@pytest.mark.parametrize("name", list(data.FGVC_TASKS))
+def test_data_fgvc_json_remaps_ids_and_finds_the_image_folder(tmp_path, name):
+    folder, subfolder, num_classes = data.FGVC_TASKS[name]
+    root = tmp_path / "fgvc" / folder
+    train = {"a/1.jpg": 17, "a/2.jpg": 5, "b/3.jpg": 9, "b/4.jpg": 17}
+    test = {"c/5.jpg": 9, "c/6.jpg": 5}
+    for ident, path in enumerate([*train, *test]):
+        write_image(root / subfolder / path, ident)
+    (root / "train.json").write_text(json.dumps(train))
+    (root / "test.json").write_text(json.dumps(test))
+    task = data.build(name, data_dir=str(tmp_path), img_size=IMG_SIZE, workers=0)
+    assert task.num_classes == num_classes and folder in task.description
+    assert dataset_labels(task.train) == [2, 0, 1, 2] and dataset_labels(task.test) == [
+        1,
+        0,
+    ]  # 5, 9, 17 -> 0, 1, 2
+    assert dataset_idents(task.train) == [0, 1, 2, 3] and dataset_idents(task.test) == [4, 5]
+    images, labels = next(
+        data.Loader(task.train, torch.device("cpu"))([torch.tensor([3, 0, 2])], seed=0)
+    )
+    assert images.dtype == torch.uint8 and images.shape == (3, 3, IMG_SIZE, IMG_SIZE)
+    assert [image_ident(image) for image in images] == [3, 0, 2] and labels.tolist() == [2, 2, 1]
+    assert isinstance(task.test, data.Preloaded) and task.test.images.shape == (
+        2,
+        3,
+        IMG_SIZE,
+        IMG_SIZE,
+    )
+
+
+def test_data_fgvc_random_crops_are_torchvision_s_crops_of_the_resized_images(tmp_path):
+    from torchvision.transforms.v2 import functional as F
+
+    task, pictures = fgvc_pictures(tmp_path)
+    resized = [
+        F.pil_to_tensor(F.resize(picture, [round(IMG_SIZE * 256 / 224)])) for picture in pictures
+    ]
+    assert isinstance(task.train, data.Resized)
+    assert all(
+        torch.equal(task.train[k][0], image) for k, image in enumerate(resized)
+    )  # decoded once, as Resize
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(
+        10
+    ):  # draws at random, and the corners: every (top, left, flip) is torchvision's crop
+        room = task.train.shapes - IMG_SIZE + 1
+        tops, lefts = (torch.rand(len(resized), 2, generator=generator) * room).long().unbind(1)
+        crops = (tops, lefts, torch.rand(len(resized), generator=generator) < 0.5)
+        for corner in (
+            crops,
+            (room[:, 0] - 1, room[:, 1] - 1, ~crops[2]),
+            (0 * tops, 0 * lefts, crops[2]),
+        ):
+            index = torch.tensor(
+                [4, 0, 3, 1, 2]
+            )  # any order: each image at its own offset in the buffer
+            batch = task.train.batch(index, corner)
+            for image, k in zip(batch, index.tolist()):
+                top, left, flip = (int(t[k]) for t in corner)
+                expected = F.crop(resized[k], top, left, IMG_SIZE, IMG_SIZE)
+                assert torch.equal(image, F.horizontal_flip(expected) if flip else expected)
+    loader = data.Loader(
+        task.train, torch.device("cpu")
+    )  # the Loader crops as the epoch's draw says
+    images, labels = next(loader([torch.arange(5)], seed=7))
+    assert torch.equal(images, task.train.batch(torch.arange(5), task.train.crops(7)))
+    assert labels.tolist() == [0, 1, 0, 1, 0]
+
+
+def test_data_fgvc_crops_depend_on_the_seed_and_the_image_alone(tmp_path):
+    task, _ = fgvc_pictures(tmp_path)
+    loader = data.Loader(task.train, torch.device("cpu"))
+    epoch = lambda seed, batches: dict(
+        zip(torch.cat(batches).tolist(), torch.cat([b for b, _ in loader(batches, seed)]))
+    )
+    first = epoch(3, [torch.tensor([0, 1, 2]), torch.tensor([3, 4])])
+    again = epoch(
+        3, [torch.tensor([4, 2]), torch.tensor([1]), torch.tensor([3, 0])]
+    )  # other batches, other order
+    assert all(
+        torch.equal(first[k], again[k]) for k in range(5)
+    )  # a resumed or distributed run sees the same
+    tops, lefts, flips = map(torch.stack, zip(*(task.train.crops(seed) for seed in range(40))))
+    assert not torch.equal(tops, tops[:1].expand_as(tops)) and not torch.equal(
+        lefts, lefts[:1].expand_as(lefts)
+    )
+    assert 0 < flips.float().mean() < 1  # another epoch, other crops and flips
+    assert (tops >= 0).all() and (tops <= task.train.shapes[:, 0] - IMG_SIZE).all()
+    assert (lefts >= 0).all() and (lefts <= task.train.shapes[:, 1] - IMG_SIZE).all()
+    later = epoch(4, [torch.arange(5)])
+    assert any(not torch.equal(first[k], later[k]) for k in range(5))
+
+
+def test_fgvc_augmentation_never_reseeds_the_generators_dropout_draws_from(tmp_path, monkeypatch):
+    # the crops are drawn in the training process: reseeding CUDA there would reset the dropout stream on
+    # a GPU every epoch, and drawing from the global generators would shift it
+    fgvc_cars(tmp_path, 8)
+    task = data.build("cars", str(tmp_path), 16, workers=0, log=None)
+    calls = []
+    for name in ("manual_seed", "manual_seed_all", "set_rng_state", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args, name=name: calls.append(name))
+    monkeypatch.setattr(torch, "manual_seed", lambda *args: calls.append("torch.manual_seed"))
+    dropout_stream = torch.get_rng_state()
+    loader = data.Loader(task.train, torch.device("cpu"))
+    crops = [images for images, _ in loader([torch.arange(4), torch.arange(4, 8)], seed=11)]
+    assert calls == [] and torch.equal(torch.get_rng_state(), dropout_stream)
+    again = [images for images, _ in loader([torch.arange(4), torch.arange(4, 8)], seed=11)]
+    assert all(torch.equal(a, b) for a, b in zip(crops, again))  # a function of (seed, image)
+
+
+def test_data_a_loader_asks_whether_its_split_fits_on_the_device(tmp_path, monkeypatch):
+    # with the split's size; what follows (the split kept in host memory, and its batches bitwise the device
+    # path's) needs a GPU: test_cuda_a_split_kept_in_host_memory_gives_the_device_path_s_batches_bitwise
+    task, _ = fgvc_pictures(tmp_path)
+    asked = []
+    monkeypatch.setattr(
+        data, "fits_on_device", lambda nbytes, device: asked.append(nbytes) or False
+    )
+    for split in (task.train, task.test):
+        data.Loader(split, torch.device("cpu"))
+    assert asked == [task.train.pixels.numel(), task.test.images.numel()]
+
+
+def test_a_process_with_no_test_images_gets_no_batches():
+    loader = data.Loader(data.build("synthetic", img_size=16, log=None).test, torch.device("cpu"))
+    assert list(loader([])) == []
+
+
+def test_data_image_folder(tmp_path):
+    for split, ident in (("train", 0), ("val", 10)):
+        for k, cls in enumerate(["dog", "cat"]):
+            write_image(tmp_path / "pets" / split / cls / f"{k}.jpg", ident + k)
+    task = data.build(str(tmp_path / "pets"), img_size=IMG_SIZE, workers=0)
+    assert task.num_classes == 2 and "val" in task.description
+    assert dataset_labels(task.train) == [0, 1] and dataset_idents(task.train) == [
+        1,
+        0,
+    ]  # cat = 0, dog = 1
+    assert dataset_labels(task.test) == [0, 1] and dataset_idents(task.test) == [11, 10]
+    write_image(tmp_path / "pets" / "test" / "cow" / "0.jpg", 20)  # test/ is preferred to val/
+    build_error("cow has no counterpart", str(tmp_path / "pets"))
+    build_error("needs train/ and test/", str(tmp_path / "nothing") + os.sep)
+
+
+def test_data_unknown_name_lists_the_choices():
+    message = build_error("unknown dataset 'imagenet'", "imagenet")
+    assert all(
+        choice in message
+        for choice in ["synthetic", "cifar", "dsprites_ori", "cub", "cars", "path"]
+    )
+
+
+def test_data_missing_dataset_folders_say_what_was_expected(tmp_path):
+    message = build_error("is missing", "cifar", data_dir=str(tmp_path))
+    assert os.path.join(str(tmp_path), "vtab-1k", "cifar", "train800val200.txt") in message
+    assert "relative to the task folder" in message
+    message = build_error("is missing", "cub", data_dir=str(tmp_path))
+    assert os.path.join(str(tmp_path), "fgvc", "CUB_200_2011", "train.json") in message
+    os.makedirs(tmp_path / "dtd" / "dtd" / "images")  # a half-extracted release
+    build_error(r"labels.train1\.txt is missing", "dtd", data_dir=str(tmp_path))
+
+
+def test_data_missing_names_the_missing_file_of_every_layout(tmp_path):
+    """data.missing names the file (not the folder that holds it) for every layout, and build() fails on
+    that same file: both read one description of each layout."""
+    vtab = write_vtab(tmp_path, [(0, 1)], [(1, 2)], task="kitti")
+    os.remove(vtab / "test.txt")
+    fgvc = tmp_path / "fgvc" / "NABirds"
+    os.makedirs(fgvc)
+    (fgvc / "train.json").write_text("{}")
+    release = tmp_path / "dtd" / "dtd"
+    write_list(release / "labels" / "train1.txt", ["banded/banded_0001.jpg"])
+    pets = tmp_path / "pets"
+    write_image(pets / "train" / "cat" / "0.jpg", 0)
+    for name, absent, kind in (
+        ("kitti", vtab / "test.txt", "vtab"),
+        ("nabirds", fgvc / "test.json", "fgvc"),
+        ("dtd", release / "labels" / "val1.txt", "dtd release"),
+        (str(pets), pets / "test", "folder"),
+    ):
+        assert data.missing(name, str(tmp_path)) == str(absent)
+        message = build_error("is missing", name, data_dir=str(tmp_path))
+        assert message.startswith(f"no {name} data: {absent} is missing; ")
+        assert message.endswith(data.LAYOUTS[kind])  # what the layout should be
+    (pets / "val").mkdir()  # val/ stands for test/ when test/ is absent
+    assert data.missing(str(pets), str(tmp_path)) is None
+    assert data.missing("synthetic", str(tmp_path)) is None
+    shutil.rmtree(release.parent)
+    assert data.missing("dtd", str(tmp_path)) is None  # no release folder: build() downloads it
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_data_missing_and_corrupt_images_are_named(tmp_path, workers):
+    folder = write_vtab(tmp_path, [(0, 1), (1, 2)], [(2, 3)])
+    os.remove(folder / "images" / "test" / "000002.jpg")
+    message = build_error("does not exist", "eurosat", data_dir=str(tmp_path), workers=workers)
+    assert (
+        os.path.join(str(folder), "images/test/000002.jpg") in message
+        and str(folder / "test.txt") in message
+    )
+
+    write_image(folder / "images" / "test" / "000002.jpg", 2)
+    (folder / "images" / "train800val200" / "000001.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    message = build_error("cannot decode image", "eurosat", data_dir=str(tmp_path), workers=workers)
+    assert os.path.join(str(folder), "images/train800val200/000001.jpg") in message
+
+
+def test_data_broken_lists_are_reported(tmp_path):
+    folder = write_vtab(tmp_path, [(0, 1)], [(1, 10)])
+    build_error(r"test\.txt: label 10 is outside 0\.\.9", "eurosat", data_dir=str(tmp_path))
+    write_list(folder / "test.txt", ["images/test/000001.jpg"])
+    build_error(
+        r"test\.txt, line 1: expected '<image path> <label>'", "eurosat", data_dir=str(tmp_path)
+    )
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_data_fgvc_corrupt_image_named_at_build_time(tmp_path, workers):
+    root = tmp_path / "fgvc" / "OxfordFlowers"
+    os.makedirs(root)
+    (root / "bad.jpg").write_bytes(b"garbage")
+    (root / "train.json").write_text(json.dumps({"bad.jpg": 3}))
+    (root / "test.json").write_text(json.dumps({"bad.jpg": 3}))
+    # decoded once when the task is built, in worker processes or not: one line that names the file
+    message = build_error("cannot decode image", "flowers", data_dir=str(tmp_path), workers=workers)
+    assert str(root / "bad.jpg") in message
+
+
+def test_data_transforms_match_the_official_torchvision_ones(tmp_path):
+    """VTAB: Resize((s, s)) bicubic on PIL images; FGVC test: Resize(s * 256/224) + CenterCrop(s) on PIL."""
+    from torchvision import transforms as v1
+
+    picture = Image.frombytes("RGB", (20, 15), bytes(range(256)) * 3 + bytes(132))
+    picture.save(tmp_path / "p.png")
+    write_list(tmp_path / "vtab-1k" / "svhn" / "train800val200.txt", ["../../p.png 4"])
+    write_list(tmp_path / "vtab-1k" / "svhn" / "test.txt", ["../../p.png 5"])
+    vtab = data.build("svhn", data_dir=str(tmp_path), img_size=IMG_SIZE, workers=0)
+    official = v1.Compose(
+        [
+            v1.Resize((IMG_SIZE, IMG_SIZE), interpolation=v1.InterpolationMode.BICUBIC),
+            v1.PILToTensor(),
+        ]
+    )
+    assert torch.equal(vtab.train[0][0], official(picture))
+    os.makedirs(tmp_path / "fgvc" / "StanfordCars")
+    picture.save(tmp_path / "fgvc" / "StanfordCars" / "p.png")
+    for split in ("train", "test"):
+        (tmp_path / "fgvc" / "StanfordCars" / f"{split}.json").write_text(json.dumps({"p.png": 1}))
+    fgvc = data.build("cars", data_dir=str(tmp_path), img_size=IMG_SIZE)
+    official = v1.Compose(
+        [v1.Resize(round(IMG_SIZE * 256 / 224)), v1.CenterCrop(IMG_SIZE), v1.PILToTensor()]
+    )
+    assert torch.equal(fgvc.test[0][0], official(picture))
+
+
+def test_decoding_shows_progress_on_a_terminal(tmp_path, monkeypatch, capsys):
+    write_vtab_with_broken_images(tmp_path / "data", GOOD_IMAGES * 20, GOOD_IMAGES)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    lines = []
+    data.build("eurosat", str(tmp_path / "data"), 16, 0, lines.append)
+    progress = capsys.readouterr().err
+    assert (
+        "\rdecoding train: 64/80 images" in progress
+        and "\rdecoding train: 80/80 images" in progress
+    )
+    assert (
+        lines[0].startswith("decoded 80 train images in")
+        and "images/s" in lines[0]
+        and len(lines) == 2
+    )
+
+
+def test_data_a_split_fits_on_the_gpu_in_half_of_what_is_free_and_cached(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (6 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(
+        torch.cuda, "memory_reserved", lambda device=None: 5 * 2**30
+    )  # 2 GiB of it cached, unused
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3 * 2**30)
+    assert data.fits_on_device(4 * 2**30, torch.device("cuda")) and not data.fits_on_device(
+        4 * 2**30 + 1, torch.device("cuda")
+    )
+    assert data.fits_on_device(2**50, torch.device("cpu"))  # host memory holds anything
