@@ -1,5 +1,5 @@
-"""Shared helpers and fixtures of the tests: tiny models, weight files written in the published layouts,
-images and datasets on disk, and quick in-process runs of train.py.
+"""Shared helpers and fixtures of the tests: tiny models, weight files written in the published
+layouts, images and datasets on disk, and quick in-process runs of train.py.
 """
 
 import contextlib
@@ -22,8 +22,9 @@ import swin
 import train
 import vit
 
-# ---------------------------------------------------------------------------------------------------
-# Shared fixtures and helpers: tiny models, weight files, images and datasets on disk, quick runs of train.py
+# --------------------------------------------------------------------------------------------------
+# Shared fixtures and helpers: tiny models, weight files, images and datasets on disk, quick runs of
+# train.py
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -64,7 +65,10 @@ def randomize_swin(model, which=lambda name: True, std=0.3):
 def write_google_npz(path, dim, depth, heads, mlp_dim, patch, classes, grid, prefix="", seed=0):
     """A ViT checkpoint in Google's .npz names and layouts (ARC.md section 5), random values."""
     rng = np.random.default_rng(seed)
-    rand = lambda *shape: rng.standard_normal(shape).astype(np.float32) * 0.1
+
+    def rand(*shape):
+        return rng.standard_normal(shape).astype(np.float32) * 0.1
+
     head_dim = dim // heads
     arrays = {
         "embedding/kernel": rand(patch, patch, 3, dim),
@@ -105,7 +109,8 @@ def write_google_npz(path, dim, depth, heads, mlp_dim, patch, classes, grid, pre
 
 @pytest.fixture(scope="session")
 def vit_b16_npz(tmp_path_factory):
-    """Every name and shape of the published imagenet21k/ViT-B_16.npz, pre_logits and 21843-class head included."""
+    """Every name and shape of the published imagenet21k/ViT-B_16.npz, pre_logits and 21843-class
+    head included."""
     path = tmp_path_factory.mktemp("weights") / "ViT-B_16.npz"
     arrays = write_google_npz(path, 768, 12, 12, 3072, 16, 21843, 14)
     assert arrays[
@@ -129,7 +134,8 @@ class NotAStateDict:
 
 @pytest.fixture(scope="module")
 def weight_files(tmp_path_factory):
-    """{name: path} of weight files for --model vit_t16 (img 32): good ones, broken ones, foreign ones."""
+    """{name: path} of weight files for --model vit_t16 (img 32): good ones, broken ones, foreign
+    ones."""
     folder = tmp_path_factory.mktemp("weight_files")
     paths = {
         name: folder / name
@@ -179,7 +185,8 @@ def weight_files(tmp_path_factory):
 
 
 def write_image(path, ident):
-    """An 8x8 solid-colour JPEG whose colour encodes `ident` (< 32**3): three base-32 digits, step 8."""
+    """An 8x8 solid-colour JPEG whose colour encodes `ident` (< 32**3): three base-32 digits, step
+    8."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     colour = tuple(8 * (ident // 32**c % 32) + 4 for c in range(3))
     Image.new("RGB", (8, 8), colour).save(path, quality=100, subsampling=0)
@@ -195,7 +202,7 @@ def write_dtd_release(root, classes, counts):
     """torchvision's DTD layout under root/dtd/dtd; counts: images per class for train1/val1/test1.
     Lists are sorted by class, as in the release. Returns {split: [names]} and {name: ident}."""
     base, names, idents = root / "dtd" / "dtd", {}, {}
-    for split, per_class in zip(("train", "val", "test"), counts):
+    for split, per_class in zip(("train", "val", "test"), counts, strict=True):
         names[split] = [f"{c}/{c}_{split}_{i:04d}.jpg" for c in classes for i in range(per_class)]
         for name in names[split]:
             idents[name] = len(idents)
@@ -208,8 +215,8 @@ IMG_SIZE = 32  # img_size of the data tests and of fgvc_pictures
 
 
 def fgvc_pictures(tmp_path, sizes=((20, 15), (15, 20), (37, 37), (41, 38), (90, 40))):
-    """Cars in VPT's layout: textured pictures of the given (width, height), so that every crop and flip
-    differs. Returns the task at IMG_SIZE (resized shorter side 37) and the pictures."""
+    """Cars in VPT's layout: textured pictures of the given (width, height), so that every crop and
+    flip differs. Returns the task at IMG_SIZE (resized shorter side 37) and the pictures."""
     root = tmp_path / "fgvc" / "StanfordCars"
     os.makedirs(root)
     pictures = [
@@ -228,7 +235,8 @@ def fgvc_pictures(tmp_path, sizes=((20, 15), (15, 20), (37, 37), (41, 38), (90, 
 
 
 def fgvc_cars(root, n_train, n_test=12):
-    """A Stanford Cars folder in VPT's json layout: two classes told apart by brightness, textured."""
+    """A Stanford Cars folder in VPT's json layout: two classes told apart by brightness,
+    textured."""
     folder, train_set, test_set = root / "fgvc" / "StanfordCars", {}, {}
     for i in range(n_train + n_test):
         os.makedirs(folder / f"c{i % 2}", exist_ok=True)
@@ -261,9 +269,9 @@ def fgvc_cars(root, n_train, n_test=12):
 
 
 def write_vtab_with_broken_images(data_dir, train_images, test_images, task="eurosat"):
-    """A VTAB-1k task in NOAH's layout: images/<split>/<name> for each name given, the lists name them all
-    (label = index % 10); names that start with 'missing' are listed but not written, names that start
-    with 'corrupt' get garbage bytes. Returns the task folder."""
+    """A VTAB-1k task in NOAH's layout: images/<split>/<name> for each name given, the lists name
+    them all (label = index % 10); names that start with 'missing' are listed but not written, names
+    that start with 'corrupt' get garbage bytes. Returns the task folder."""
     folder = os.path.join(data_dir, "vtab-1k", task)
     for split, names in (("train800val200", train_images), ("test", test_images)):
         lines = []
@@ -316,8 +324,8 @@ TINY_RUN = [
 
 @contextlib.contextmanager
 def one_thread():
-    """torch on one thread for a while: on a shared or busy CPU, two spinning threads make these tiny runs
-    ten times slower, one thread never does."""
+    """torch on one thread for a while: on a shared or busy CPU, two spinning threads make these
+    tiny runs ten times slower, one thread never does."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -381,7 +389,8 @@ SUITE = [
 ]
 
 
-# A complete run in a few seconds on a CPU: tiny images, synthetic data, a random ViT-T/16, one epoch.
+# A complete run in a few seconds on a CPU: tiny images, synthetic data, a random ViT-T/16, one
+# epoch.
 QUICK_RUN_OPTIONS = {
     "--data": "synthetic",
     "--model": "vit_t16",
@@ -397,8 +406,8 @@ HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning,
 
 
 def quick_run_args(out=None, **options):
-    """train.py's argv: the quick run above with `options` changed (data_dir="x" -> --data-dir x; None
-    drops an option), and --out `out` when given."""
+    """train.py's argv: the quick run above with `options` changed (data_dir="x" -> --data-dir x;
+    None drops an option), and --out `out` when given."""
     args = dict(QUICK_RUN_OPTIONS)
     for name, value in options.items():
         flag = "--" + name.replace("_", "-")
@@ -411,11 +420,12 @@ def quick_run_args(out=None, **options):
 
 
 def run_and_capture(args, capsys):
-    """train.main(args) in-process, as the command line would end: (exit status, non-empty stderr lines).
+    """train.main(args) in-process, as the command line would end: (exit status, non-empty stderr
+    lines).
 
-    sys.exit("message") (argparse's errors here) is printed to stderr with status 1 by the interpreter,
-    and warnings are printed to stderr by the command line (pytest would record them instead): both are
-    added to the lines, so that they count as the user would see them."""
+    sys.exit("message") (argparse's errors here) is printed to stderr with status 1 by the
+    interpreter, and warnings are printed to stderr by the command line (pytest would record them
+    instead): both are added to the lines, so that they count as the user would see them."""
     capsys.readouterr()  # drop what earlier steps printed
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -432,7 +442,8 @@ def run_and_capture(args, capsys):
 
 
 def assert_one_clear_line(code, lines, *facts):
-    """Refused (non-zero status) with exactly one line, no traceback, naming every one of `facts`."""
+    """Refused (non-zero status) with exactly one line, no traceback, naming every one of
+    `facts`."""
     shown = "\n".join(lines)
     assert code != 0, f"exit status 0 for a bad input; stderr:\n{shown}"
     assert "Traceback" not in shown, f"a traceback on stderr:\n{shown}"
@@ -459,8 +470,8 @@ def file_hashes(folder):
 
 @pytest.fixture(scope="module")
 def finished_run(weight_files, tmp_path_factory):
-    """A finished quick run, from the good vit_t16.npz (the control: the file the truncated ones are cut
-    from goes through train.py): (its --out folder, the snapshot of its files)."""
+    """A finished quick run, from the good vit_t16.npz (the control: the file the truncated ones are
+    cut from goes through train.py): (its --out folder, the snapshot of its files)."""
     out = tmp_path_factory.mktemp("finished_run") / "run"
     with one_thread():
         train.main(quick_run_args(out, weights=weight_files["vit_t16.npz"]))
@@ -481,8 +492,8 @@ class LayerScale(torch.nn.Module):
 
 
 class TimmStyleBlock(torch.nn.Module):
-    """timm's ViT block by its module names (norm1, attn.qkv, attn.proj, ls1, norm2, mlp.fc1, mlp.fc2, ls2); its
-    forward calls no adapter, so add_adapters must hook it."""
+    """timm's ViT block by its module names (norm1, attn.qkv, attn.proj, ls1, norm2, mlp.fc1,
+    mlp.fc2, ls2); its forward calls no adapter, so add_adapters must hook it."""
 
     def __init__(self, dim, heads, layer_scale=False):
         super().__init__()
@@ -498,8 +509,9 @@ class TimmStyleBlock(torch.nn.Module):
 
 
 class TimmStyleViT(torch.nn.Module):
-    """timm's VisionTransformer by its names (patch_embed.proj, cls_token, reg_token, pos_embed, blocks, norm,
-    head); `registers`: DINOv2's register tokens. Without them, the names and shapes of tiny_vit(depth=3)."""
+    """timm's VisionTransformer by its names (patch_embed.proj, cls_token, reg_token, pos_embed,
+    blocks, norm, head); `registers`: DINOv2's register tokens. Without them, the names and shapes
+    of tiny_vit(depth=3)."""
 
     def __init__(self, dim=32, depth=3, layer_scale=False, registers=0):
         super().__init__()
