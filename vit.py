@@ -46,6 +46,12 @@ URLS = {
     "vit_l16": "https://storage.googleapis.com/vit_models/imagenet21k/ViT-L_16.npz",
     "vit_h14": "https://storage.googleapis.com/vit_models/imagenet21k/ViT-H_14.npz",
 }
+# Google's AugReg ImageNet-21k ViT-B/16 (timm's vit_base_patch16_224.augreg_in21k): the weights of the
+# paper's ARC* rows (--weights augreg). How ARC* was trained was never published.
+AUGREG_URLS = {
+    "vit_b16": "https://storage.googleapis.com/vit_models/augreg/"
+    "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz",
+}
 FEEDS = {"att": "attn.qkv", "ffn": "mlp.fc1"}  # what a block's adapter slots feed: where ARC folds
 
 
