@@ -1,16 +1,23 @@
-"""Tests of data.py: every reader on small datasets written under tmp_path in the published layouts, the crops,
-the loader.
+"""Tests of data.py: every reader on small datasets written under tmp_path in the layouts that
+people keep them in, odd and hostile files, the crops, and the loader.
 """
 
+import glob
 import hashlib
+import io
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tarfile
+import time
 import urllib.error
 import urllib.request
+import warnings
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -19,17 +26,18 @@ from PIL import Image
 import data
 from conftest import (
     GOOD_IMAGES,
+    HERE,
     IMG_SIZE,
     fgvc_cars,
     fgvc_pictures,
+    metrics,
+    run_train,
     write_dtd_release,
     write_image,
+    write_image_folder,
     write_list,
     write_vtab_with_broken_images,
 )
-
-# ---------------------------------------------------------------------------------------------------
-# The data (data.py): every reader on small datasets written under tmp_path, the crops, the Loader
 
 
 def image_ident(image):
@@ -101,7 +109,7 @@ def test_data_vtab_lists_give_images_and_labels(tmp_path, workers):
     assert task.num_classes == 10 and isinstance(task.train, data.Preloaded)
     assert task.train.images.shape == (4, 3, IMG_SIZE, IMG_SIZE)
     for dataset, samples in ((task.train, train), (task.test, test)):
-        assert list(zip(dataset_idents(dataset), dataset_labels(dataset))) == samples
+        assert list(zip(dataset_idents(dataset), dataset_labels(dataset), strict=True)) == samples
     assert "eurosat" in task.description and "4 train" in task.description
 
 
@@ -230,7 +238,7 @@ def test_data_fgvc_random_crops_are_torchvision_s_crops_of_the_resized_images(tm
                 [4, 0, 3, 1, 2]
             )  # any order: each image at its own offset in the buffer
             batch = task.train.batch(index, corner)
-            for image, k in zip(batch, index.tolist()):
+            for image, k in zip(batch, index.tolist(), strict=True):
                 top, left, flip = (int(t[k]) for t in corner)
                 expected = F.crop(resized[k], top, left, IMG_SIZE, IMG_SIZE)
                 assert torch.equal(image, F.horizontal_flip(expected) if flip else expected)
@@ -245,9 +253,11 @@ def test_data_fgvc_random_crops_are_torchvision_s_crops_of_the_resized_images(tm
 def test_data_fgvc_crops_depend_on_the_seed_and_the_image_alone(tmp_path):
     task, _ = fgvc_pictures(tmp_path)
     loader = data.Loader(task.train, torch.device("cpu"))
-    epoch = lambda seed, batches: dict(
-        zip(torch.cat(batches).tolist(), torch.cat([b for b, _ in loader(batches, seed)]))
-    )
+
+    def epoch(seed, batches):
+        images = torch.cat([images for images, _ in loader(batches, seed)])
+        return dict(zip(torch.cat(batches).tolist(), images, strict=True))
+
     first = epoch(3, [torch.tensor([0, 1, 2]), torch.tensor([3, 4])])
     again = epoch(
         3, [torch.tensor([4, 2]), torch.tensor([1]), torch.tensor([3, 0])]
@@ -255,7 +265,9 @@ def test_data_fgvc_crops_depend_on_the_seed_and_the_image_alone(tmp_path):
     assert all(
         torch.equal(first[k], again[k]) for k in range(5)
     )  # a resumed or distributed run sees the same
-    tops, lefts, flips = map(torch.stack, zip(*(task.train.crops(seed) for seed in range(40))))
+    tops, lefts, flips = map(
+        torch.stack, zip(*(task.train.crops(seed) for seed in range(40)), strict=True)
+    )
     assert not torch.equal(tops, tops[:1].expand_as(tops)) and not torch.equal(
         lefts, lefts[:1].expand_as(lefts)
     )
@@ -267,8 +279,8 @@ def test_data_fgvc_crops_depend_on_the_seed_and_the_image_alone(tmp_path):
 
 
 def test_fgvc_augmentation_never_reseeds_the_generators_dropout_draws_from(tmp_path, monkeypatch):
-    # the crops are drawn in the training process: reseeding CUDA there would reset the dropout stream on
-    # a GPU every epoch, and drawing from the global generators would shift it
+    # the crops are drawn in the training process: reseeding CUDA there would reset the dropout
+    # stream on a GPU every epoch, and drawing from the global generators would shift it
     fgvc_cars(tmp_path, 8)
     task = data.build("cars", str(tmp_path), 16, workers=0, log=None)
     calls = []
@@ -280,12 +292,15 @@ def test_fgvc_augmentation_never_reseeds_the_generators_dropout_draws_from(tmp_p
     crops = [images for images, _ in loader([torch.arange(4), torch.arange(4, 8)], seed=11)]
     assert calls == [] and torch.equal(torch.get_rng_state(), dropout_stream)
     again = [images for images, _ in loader([torch.arange(4), torch.arange(4, 8)], seed=11)]
-    assert all(torch.equal(a, b) for a, b in zip(crops, again))  # a function of (seed, image)
+    assert all(
+        torch.equal(a, b) for a, b in zip(crops, again, strict=True)
+    )  # a function of (seed, image)
 
 
 def test_data_a_loader_asks_whether_its_split_fits_on_the_device(tmp_path, monkeypatch):
-    # with the split's size; what follows (the split kept in host memory, and its batches bitwise the device
-    # path's) needs a GPU: test_cuda_a_split_kept_in_host_memory_gives_the_device_path_s_batches_bitwise
+    # with the split's size; what follows (the split kept in host memory, and its batches bitwise
+    # the device path's) needs a GPU:
+    # test_cuda_a_split_kept_in_host_memory_gives_the_device_path_s_batches_bitwise
     task, _ = fgvc_pictures(tmp_path)
     asked = []
     monkeypatch.setattr(
@@ -344,8 +359,8 @@ def test_data_missing_dataset_folders_list_every_place_tried(tmp_path):
 
 
 def test_data_missing_names_the_missing_file_of_every_layout(tmp_path):
-    """data.missing names the file (not the folder that holds it) for every layout, and build() fails on
-    that same file: both read one description of each layout."""
+    """data.missing names the file (not the folder that holds it) for every layout, and build()
+    fails on that same file: both read one description of each layout."""
     vtab = write_vtab(tmp_path, [(0, 1)], [(1, 2)], task="kitti")
     os.remove(vtab / "test.txt")
     fgvc = tmp_path / "fgvc" / "NABirds"
@@ -410,7 +425,8 @@ def test_data_fgvc_corrupt_image_named_at_build_time(tmp_path, workers):
 
 
 def test_data_transforms_match_the_official_torchvision_ones(tmp_path):
-    """VTAB: Resize((s, s)) bicubic on PIL images; FGVC test: Resize(s * 256/224) + CenterCrop(s) on PIL."""
+    """VTAB: Resize((s, s)) bicubic on PIL images; FGVC test: Resize(s * 256/224) + CenterCrop(s) on
+    PIL."""
     from torchvision import transforms as v1
 
     picture = Image.frombytes("RGB", (20, 15), bytes(range(256)) * 3 + bytes(132))
@@ -457,3 +473,384 @@ def test_data_a_split_fits_on_the_gpu_in_half_of_what_is_free_and_cached(monkeyp
         4 * 2**30 + 1, torch.device("cuda")
     )
     assert data.fits_on_device(2**50, torch.device("cpu"))  # host memory holds anything
+
+
+# ------------------------------------------------------------------------------------------------
+# Data as people have it (issue 28): the places and folder names of NOAH, RepAdapter, the official
+# ARC scripts, V-PETL Bench and VPT, the first place that holds a task winning
+
+
+def image_folder_log(task_name, data_dir):
+    """data.build's task and its log lines."""
+    lines = []
+    task = data.build(
+        task_name, data_dir=str(data_dir), img_size=IMG_SIZE, workers=0, log=lines.append
+    )
+    return task, lines
+
+
+@pytest.mark.parametrize(
+    "task_name, place",
+    [
+        ("eurosat", "vtab-1k/eurosat"),  # NOAH, SSF
+        ("eurosat", "eurosat"),  # RepAdapter, the official ARC scripts
+        ("cifar", "vtab-1k/cifar"),
+        ("cifar", "cifar"),
+        ("cifar", "vtab-1k/cifar100"),  # V-PETL Bench
+        ("cifar", "cifar100"),
+    ],
+)
+def test_vtab_is_found_in_each_place_people_keep_it(tmp_path, task_name, place):
+    train, test = [(0, 3), (1, 0), (2, 9)], [(10, 1), (11, 7)]
+    folder = write_vtab(tmp_path / "source", train, test, task="task")
+    os.makedirs(os.path.dirname(tmp_path / "data" / place), exist_ok=True)
+    shutil.move(folder, tmp_path / "data" / place)
+    assert data.missing(task_name, str(tmp_path / "data")) is None
+    task, lines = image_folder_log(task_name, tmp_path / "data")
+    assert task.num_classes == data.VTAB_TASKS[task_name]
+    for dataset, samples in ((task.train, train), (task.test, test)):
+        assert list(zip(dataset_idents(dataset), dataset_labels(dataset), strict=True)) == samples
+    assert lines[0] == f"{task_name}: reading {tmp_path / 'data' / place}"
+
+
+def test_the_first_place_that_holds_a_task_wins_and_the_log_says_which(tmp_path):
+    first = write_vtab(tmp_path / "data", [(0, 1)], [(1, 2)], task="cifar")  # vtab-1k/cifar
+    later = write_vtab(tmp_path / "other", [(5, 6)], [(7, 8)], task="cifar100")
+    shutil.move(later, tmp_path / "data" / "cifar100")
+    os.makedirs(tmp_path / "data" / "cifar")  # a folder without the lists holds nothing
+    task, lines = image_folder_log("cifar", tmp_path / "data")
+    assert dataset_idents(task.train) == [0] and dataset_idents(task.test) == [1]
+    assert lines[0] == (
+        f"cifar: reading {first}; also found in {tmp_path / 'data' / 'cifar100'}, not read"
+    )
+    shutil.rmtree(first)  # now the next place is read
+    task, lines = image_folder_log("cifar", tmp_path / "data")
+    assert dataset_idents(task.train) == [5] and lines[0].endswith("cifar100")
+
+
+FGVC_PLACES = [  # (name, the set's folder under the data folder, its image folder)
+    ("cub", "fgvc/CUB_200_2011", "images"),  # VPT, the official ARC code, V-PETL Bench
+    ("cub", "CUB", "images"),
+    ("nabirds", "fgvc/NABirds", "images"),  # the official ARC code
+    ("nabirds", "nabirds", "images"),  # VPT, V-PETL Bench
+    ("flowers", "OxfordFlowers", ""),  # VPT, the official ARC code
+    ("flowers", "fgvc/OxfordFlower", ""),  # V-PETL Bench
+    ("dogs", "fgvc/StanfordDogs", "Images"),  # VPT, V-PETL Bench
+    ("dogs", "StanfordDogs", ""),  # the official ARC code: the images at the set's root
+    ("cars", "StanfordCars", ""),
+]
+
+
+@pytest.mark.parametrize("name, place, image_folder", FGVC_PLACES)
+def test_fgvc_is_found_under_each_repository_s_names(tmp_path, name, place, image_folder):
+    root = tmp_path / "data" / place
+    train = {"n01-a/1.jpg": 17, "n01-a/2.jpg": 5, "n02-b/3.jpg": 9}
+    test = {"n03-c/4.jpg": 9}
+    for ident, path in enumerate([*train, *test]):
+        write_image(root / image_folder / path, ident)
+    (root / "train.json").write_text(json.dumps(train))
+    (root / "test.json").write_text(json.dumps(test))
+    task, lines = image_folder_log(name, tmp_path / "data")
+    assert lines[0] == f"{name}: reading {root}"
+    assert dataset_idents(task.train) == [0, 1, 2] and dataset_labels(task.train) == [2, 0, 1]
+    assert dataset_idents(task.test) == [3] and dataset_labels(task.test) == [1]
+    assert task.num_classes == data.FGVC_TASKS[name][2]
+
+
+def test_a_json_list_naming_a_missing_image_names_both(tmp_path):
+    root = tmp_path / "StanfordCars"
+    write_image(root / "a.jpg", 0)
+    (root / "train.json").write_text(json.dumps({"a.jpg": 1, "gone/b.jpg": 2, "gone/c.jpg": 2}))
+    (root / "test.json").write_text(json.dumps({"a.jpg": 1}))
+    message = build_error("does not exist", "cars", data_dir=str(tmp_path))
+    assert (
+        message == f"image {root / 'gone' / 'b.jpg'} listed in {root / 'train.json'} does not exist"
+    )
+
+
+def test_one_epoch_trains_from_the_official_arc_layout(tmp_path, capsys):
+    # the official ARC code keeps the FGVC sets right under its data path, without fgvc/
+    args = fgvc_cars(tmp_path, 8)
+    shutil.move(tmp_path / "fgvc" / "StanfordCars", tmp_path / "StanfordCars")
+    os.rmdir(tmp_path / "fgvc")
+    out = tmp_path / "run"
+    assert run_train(*args, "--epochs", "1", "--workers", "2", "--out", out) == 0
+    assert f"cars: reading {tmp_path / 'StanfordCars'}" in capsys.readouterr().out
+    assert [m["epoch"] for m in metrics(out)] == [1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Odd and hostile files (issue 30): a correct result or one clear line, never a hang
+
+
+def write_picture(path, picture):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    picture.save(path)
+
+
+def reopened(picture, image_format):
+    """`picture` as PIL reads it back from a file of `image_format`."""
+    buffer = io.BytesIO()
+    picture.save(buffer, image_format)
+    buffer.seek(0)
+    return Image.open(buffer)
+
+
+GREYS = np.add.outer(np.arange(16) * 9, np.arange(16) * 7).astype(np.uint8)  # 16x16, 0..240
+PALETTE = Image.fromarray(GREYS).convert("P")
+PALETTE.info["transparency"] = 0
+MODES = {  # a picture of GREYS in each mode, and the error JPEG allows
+    "16-bit PNG (I;16)": (reopened(Image.fromarray(GREYS.astype(np.uint16) * 257), "PNG"), 0),
+    "32-bit TIFF (I)": (reopened(Image.fromarray(GREYS.astype(np.int32) * 257, "I"), "TIFF"), 0),
+    "float TIFF (F)": (reopened(Image.fromarray(GREYS.astype(np.float32)), "TIFF"), 0),
+    "grey and alpha (LA)": (Image.fromarray(np.stack([GREYS, 255 - GREYS], -1), "LA"), 0),
+    "palette with transparency (P)": (reopened(PALETTE, "PNG"), 0),
+    "CMYK JPEG": (reopened(Image.fromarray(GREYS).convert("CMYK"), "JPEG"), 3),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_an_image_of_any_mode_decodes_as_its_8_bit_picture(tmp_path, mode):
+    picture, tolerance = MODES[mode]
+    extension = {"PNG": "png", "TIFF": "tif", "JPEG": "jpg"}.get(picture.format, "png")
+    write_picture(tmp_path / "set" / "train" / "a" / f"0.{extension}", picture)
+    write_picture(tmp_path / "set" / "test" / "a" / "0.png", Image.fromarray(GREYS))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL warns of palettes with a transparency it drops
+        task = data.build(str(tmp_path / "set"), img_size=16, workers=0, log=None)
+    decoded = task.train[0][0].int()
+    expected = task.test[0][0].int()  # the 8-bit picture, decoded the same way
+    assert decoded.shape == (3, 16, 16) and (decoded - expected).abs().max() <= tolerance
+
+
+def test_16_bit_greys_use_their_whole_range(tmp_path):
+    # 16-bit values above 255 were clipped to white: these would all be 255
+    values = np.array([[0, 257 * 64, 257 * 128, 65535]], dtype=np.uint16).repeat(4, 0)
+    write_picture(tmp_path / "set" / "train" / "a" / "0.png", Image.fromarray(values))
+    write_picture(tmp_path / "set" / "test" / "a" / "0.png", Image.fromarray(values))
+    task = data.build(str(tmp_path / "set"), img_size=4, workers=0, log=None)
+    assert task.train.images[0, :, 0].tolist() == [[0, 64, 128, 255]] * 3
+    # a PNG of another mode than RGB; PIL's mode for 16-bit greys
+    assert Image.open(tmp_path / "set" / "train" / "a" / "0.png").mode == "I;16"
+
+
+def make_unreadable(path):
+    """chmod 000 `path`, or skip the test where that leaves it readable (as root)."""
+    os.chmod(path, 0)
+    if os.access(path, os.R_OK):
+        os.chmod(path, 0o755)
+        pytest.skip("chmod 000 leaves files readable here (root, or root-like capabilities)")
+
+
+def test_an_unreadable_class_folder_is_an_error_not_an_empty_class(tmp_path):
+    for split in ("train", "test"):
+        folder = write_image_folder(tmp_path / split / "pets")
+        make_unreadable(folder / split / "dog")
+        try:
+            message = build_error("cannot read the folder", str(folder))
+        finally:
+            os.chmod(folder / split / "dog", 0o755)
+        assert str(folder / split / "dog") in message and "PermissionError" in message
+
+
+def test_an_unreadable_list_file_is_an_error(tmp_path):
+    folder = write_vtab(tmp_path, [(0, 1)], [(1, 2)])
+    make_unreadable(folder / "test.txt")
+    build_error(f"cannot read {folder / 'test.txt'} .PermissionError", "eurosat", str(tmp_path))
+    os.chmod(folder / "test.txt", 0o644)
+    root = tmp_path / "fgvc" / "StanfordCars"
+    write_image(root / "a.jpg", 0)
+    for split in ("train", "test"):
+        (root / f"{split}.json").write_text(json.dumps({"a.jpg": 1}))
+    make_unreadable(root / "test.json")
+    build_error(f"cannot read {root / 'test.json'} .PermissionError", "cars", str(tmp_path))
+
+
+def test_images_are_told_apart_missing_unreadable_and_damaged(tmp_path):
+    folder = write_vtab(tmp_path, [(0, 1), (1, 2)], [(2, 3)])
+    image = folder / "images" / "test" / "000002.jpg"
+    os.remove(image)
+    message = build_error("does not exist", "eurosat", str(tmp_path))
+    assert message == f"image {image} listed in {folder / 'test.txt'} does not exist"
+    os.mkdir(image)  # a folder where the image should be
+    build_error(f"image {image} listed in .* is not a regular file", "eurosat", str(tmp_path))
+    os.rmdir(image)
+    image.write_bytes(b"\xff\xd8 half a JPEG")
+    message = build_error("cannot decode image", "eurosat", str(tmp_path))
+    assert str(image) in message and "damaged or not an image" in message
+    write_image(image, 2)
+    make_unreadable(image)
+    message = build_error("is not readable .permission denied", "eurosat", str(tmp_path))
+    assert str(image) in message and "corrupt" not in message and "damaged" not in message
+
+
+def test_a_symlink_loop_lists_each_image_once(tmp_path):
+    folder = write_image_folder(tmp_path / "pets")  # 3 images a class
+    os.symlink(".", folder / "train" / "cat" / "loop")
+    os.symlink("..", folder / "train" / "dog" / "up")  # back to train/, holding dog itself
+    task = data.build(str(folder), img_size=IMG_SIZE, workers=0, log=None)
+    assert dataset_labels(task.train) == [0, 0, 0] + [1] * 6  # dog/up/cat is cat's, seen from dog
+    assert len(set(zip(dataset_idents(task.train), dataset_labels(task.train), strict=True))) == 9
+
+
+def test_symlink_loops_do_not_make_the_walk_exponential(tmp_path):
+    folder = write_image_folder(tmp_path / "pets")
+    for name in ("a", "b", "c", "d", "e", "f"):  # followed blindly: 6**depth folders
+        os.symlink(".", folder / "train" / "cat" / name)
+    began = time.time()
+    task = data.build(str(folder), img_size=IMG_SIZE, workers=0, log=None)
+    assert len(task.train) == 6 and time.time() - began < 30
+    # a link to a folder outside the dataset is followed, once
+    write_image(tmp_path / "more" / "4.jpg", 44)
+    os.symlink(tmp_path / "more", folder / "train" / "cat" / "more")
+    os.symlink(tmp_path / "more", folder / "train" / "cat" / "more again")
+    task = data.build(str(folder), img_size=IMG_SIZE, workers=0, log=None)
+    assert dataset_idents(task.train).count(44) == 1 and len(task.train) == 7
+
+
+@pytest.fixture
+def no_hang():
+    """Fail, rather than hang, a test that runs for more than 60 seconds."""
+
+    def hung(*_):
+        raise TimeoutError("hung")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_named_pipe_is_not_an_image(tmp_path, no_hang):
+    folder = write_image_folder(tmp_path / "pets")
+    os.mkfifo(folder / "train" / "cat" / "x.jpg")  # opening it would wait for a writer forever
+    message = build_error("is not a regular file", str(folder))
+    assert str(folder / "train" / "cat" / "x.jpg") in message
+    vtab = write_vtab(tmp_path, [(0, 1)], [(1, 2)])
+    os.remove(vtab / "images" / "test" / "000001.jpg")
+    os.mkfifo(vtab / "images" / "test" / "000001.jpg")
+    build_error(
+        r"000001\.jpg listed in .*test\.txt is not a regular file", "eurosat", str(tmp_path)
+    )
+
+
+# A script that builds a folder of images slowly (0.2 s an image, on 2 threads), saying on a file
+# when the decoding has begun: for the tests of what a signal or the current folder does to it.
+CHILD = """
+import os, sys, time
+sys.path.insert(0, {here!r})
+import data
+
+def slow_load(*args, **kw):
+    open({began!r}, "a").close()
+    time.sleep({pause})
+    return load(*args, **kw)
+
+load = data._load
+data._load = slow_load
+data.build({folder!r}, img_size=16, workers=2, log=None)
+print("built")
+"""
+
+
+def start_child(tmp_path, folder, pause):
+    script = tmp_path / "child.py"
+    os.makedirs(tmp_path, exist_ok=True)
+    began = tmp_path / "began"
+    code = CHILD.format(here=HERE, began=str(began), pause=pause, folder=str(folder))
+    script.write_text(code)
+    child = subprocess.Popen(
+        [sys.executable, script], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    return child, began
+
+
+def wait_until_decoding(child, began):
+    deadline = time.time() + 120
+    while not began.exists() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert child.poll() is None, child.communicate()[1].decode()
+
+
+def descendants(pid):
+    """The processes started by process `pid`, and by them, from /proc."""
+    children = {}
+    for stat_file in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat_file) as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+        children.setdefault(parent, []).append(int(stat_file.split("/")[2]))
+    found = []
+    waiting = [pid]
+    while waiting:
+        for child in children.get(waiting.pop(), []):
+            found.append(child)
+            waiting.append(child)
+    return found
+
+
+def many_images(root, count=200):
+    for i in range(count):
+        write_image(root / "train" / f"c{i % 2}" / f"{i}.jpg", i)
+    for i in range(2):
+        write_image(root / "test" / f"c{i}" / "0.jpg", i)
+    return root
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_signalled_build_stops_at_once_and_leaves_no_decoding_process(tmp_path):
+    # 200 images at 0.5 s on 2 threads: 50 s if the queued ones were decoded before stopping.
+    # One child a signal, all started at once: each costs seconds of imports on a busy CPU.
+    folder = many_images(tmp_path / "pets")
+    signals = [signal.SIGKILL, signal.SIGTERM, signal.SIGHUP, signal.SIGINT]
+    children = [start_child(tmp_path / s.name, folder, pause=0.5) for s in signals]
+    for (child, began), signal_number in zip(children, signals, strict=True):
+        wait_until_decoding(child, began)
+        decoding = descendants(child.pid)  # none: threads decode, in the process itself
+        signalled = time.time()
+        child.send_signal(signal_number)
+        _, errors = child.communicate(timeout=60)
+        assert child.returncode == -signal_number and time.time() - signalled < 20
+        time.sleep(0.5)
+        assert decoding == [] and [pid for pid in decoding if os.path.exists(f"/proc/{pid}")] == []
+        if signal_number == signal.SIGINT:  # Ctrl-C: the main thread's traceback alone
+            errors = errors.decode()
+            assert errors.count("Traceback") == 1, errors
+            assert errors.rstrip().endswith("KeyboardInterrupt")
+
+
+@pytest.mark.parametrize("impostor", ["data/__init__.py", "data.py"])
+def test_the_current_folder_s_data_is_never_imported(tmp_path, monkeypatch, impostor):
+    # --data-dir is ./data by default, so the folder a run starts from often holds a data/; and
+    # where the current folder comes first on sys.path (python -c, a notebook), a worker process
+    # that imported this module by its name would import that folder instead
+    cwd = tmp_path / "cwd"
+    os.makedirs(os.path.dirname(cwd / impostor), exist_ok=True)
+    (cwd / impostor).write_text("raise SystemExit('the current folder was imported')\n")
+    folder = write_image_folder(tmp_path / "pets")
+    monkeypatch.chdir(cwd)
+    monkeypatch.syspath_prepend("")
+    task = data.build(str(folder), img_size=IMG_SIZE, workers=2, log=None)
+    assert len(task.train) == 6 and len(task.test) == 6
+
+
+def test_decoding_needs_no_shared_memory(tmp_path):
+    # Docker gives containers a 64 MB /dev/shm; here 1 MB, for 200 images of 3x64x64 (2.5 MB)
+    folder = many_images(tmp_path / "pets")
+    script = (
+        f"import sys; sys.path.insert(0, {HERE!r}); import data; "
+        f"task = data.build({str(folder)!r}, img_size=64, workers=2, log=None); "
+        f"print(len(task.train))"
+    )
+    mount = 'mount -t tmpfs -o size=1m tmpfs /dev/shm && exec "$@"'
+    command = ["unshare", "--mount", "sh", "-c", mount, "sh", sys.executable, "-c", script]
+    try:
+        done = subprocess.run(command, capture_output=True, timeout=180)
+    except FileNotFoundError:
+        pytest.skip("needs unshare (util-linux)")
+    if b"Operation not permitted" in done.stderr or b"mount:" in done.stderr:
+        pytest.skip(f"no mount namespace here: {done.stderr.decode().strip()}")
+    assert done.returncode == 0 and done.stdout == b"200\n", done.stderr.decode()
