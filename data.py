@@ -123,10 +123,10 @@ LISTS = {  # kind -> its list files, training split first
     "fgvc": ("train.json", "test.json"),
 }
 SOURCES = {  # kind -> what build() reads, for the log
-    "vtab": "VTAB-1k lists train800val200.txt and test.txt",
-    "fgvc": "VPT's train.json and test.json",
-    "dtd release": "DTD's release on the VTAB-1k protocol: the first 800 images of train1 and 200 "
-    "of val1 in TFDS order, and test1",
+    "vtab": "VTAB-1k lists train800val200.txt and test.txt in",
+    "fgvc": "VPT's train.json and test.json in",
+    "dtd release": "DTD's release on the VTAB-1k protocol (the first 800 images of train1 and 200 "
+    "of val1 in TFDS order; test1) in",
     "folder": "image folder",
 }
 LAYOUTS = {  # kind -> what its files should be, for the message when one is missing
@@ -333,7 +333,7 @@ def build(name, data_dir="./data", img_size=224, workers=4, log=print):
         test_split = decode(test, "test", "vtab")
         recipe = f"resized to {img_size}x{img_size}"
     description = (
-        f"{name} from {folder} ({SOURCES[kind]}): {len(train)} train / {len(test)} test images, "
+        f"{SOURCES[kind]} {folder}: {len(train)} train / {len(test)} test images, "
         f"{len(classes)} classes, {recipe}"
     )
     return Task(train_split, test_split, classes, description)
