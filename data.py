@@ -407,13 +407,11 @@ def _required(kind, folder):
     if kind in LISTS:
         return [os.path.join(folder, file) for file in LISTS[kind]]
     if kind == "folder":
-        # test/, or val/ when there is no test/
-        test = "test"
-        if os.path.isdir(os.path.join(folder, "val")) and not os.path.isdir(
-            os.path.join(folder, test)
-        ):
-            test = "val"
-        return [os.path.join(folder, "train"), os.path.join(folder, test)]
+        test = os.path.join(folder, "test")
+        val = os.path.join(folder, "val")
+        if os.path.isdir(val) and not os.path.isdir(test):
+            test = val  # val/ stands for test/ where there is no test/
+        return [os.path.join(folder, "train"), test]
     labels = os.path.join(folder, "dtd", "dtd", "labels")
     if kind == "dtd release" and os.path.isdir(os.path.dirname(labels)):
         # Downloaded when its folder is absent; a folder that is there must be complete.
