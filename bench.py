@@ -102,15 +102,19 @@ def build(model_name, img_size, method):
     return model
 
 
-def training_step(model, images, labels, dtype):
-    """One step as train.py takes it, under autocast to `dtype` (float32: no autocast). The step
-    returns its loss as a device tensor, so that timing it adds no host sync."""
+def autocast(device, precision):
+    """bf16 autocast for "bf16"; for "fp32", nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def training_step(model, images, labels, precision):
+    """One step as train.py takes it, in `precision`. The step returns its loss as a device
+    tensor, so that timing it adds no host sync."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, fused=images.is_cuda)
-    enabled = dtype != torch.float32
 
     def step():
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=enabled):
+        with autocast(images.device, precision):
             loss = F.cross_entropy(model(data.normalize(images)), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -121,12 +125,10 @@ def training_step(model, images, labels, dtype):
     return step
 
 
-def inference(model, images, dtype):
-    enabled = dtype != torch.float32
-
+def inference(model, images, precision):
     @torch.no_grad()
     def forward():
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=enabled):
+        with autocast(images.device, precision):
             model(data.normalize(images))
 
     return forward
@@ -167,9 +169,9 @@ def speed_cells(seconds, batch_size):
 def training_table(args, device, methods, precisions, images, labels):
     models = {method: build(args.model, args.img_size, method).to(device) for method in methods}
     steps = {
-        (method, precision): training_step(model.train(), images, labels, dtype)
+        (method, precision): training_step(model.train(), images, labels, precision)
         for method, model in models.items()
-        for precision, dtype in precisions.items()
+        for precision in precisions
     }
     memory = {key: extra_memory(step, device) for key, step in steps.items()}
     seconds = interleaved(steps, device, args.warmup, args.rounds)
@@ -195,9 +197,9 @@ def inference_table(args, device, precisions, images):
         "arc folded": arc.reparameterize(copy.deepcopy(unfolded)),
     }
     calls = {
-        (name, precision): inference(model.to(device).eval(), images, dtype)
+        (name, precision): inference(model.to(device).eval(), images, precision)
         for name, model in models.items()
-        for precision, dtype in precisions.items()
+        for precision in precisions
     }
     seconds = interleaved(calls, device, args.warmup, args.rounds)
     rows = [
@@ -266,15 +268,13 @@ def main(argv=None):
             f"\nthe DTD-shaped run ({setting}, {args.epochs} epochs, {steps} steps): {wall:.1f} s"
         )
         return
-    precisions = {"fp32": torch.float32}
+    precisions = ["fp32"]
     if native_bf16(device):
-        precisions["bf16"] = torch.bfloat16
+        precisions.append("bf16")
     else:
         print(f"bf16 not timed: this {device.type.upper()} does not compute bf16 natively")
-    images = torch.randint(
-        0, 256, (args.batch_size, 3, args.img_size, args.img_size), device=device
-    )
-    images = images.to(torch.uint8)
+    shape = (args.batch_size, 3, args.img_size, args.img_size)
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
     labels = torch.randint(0, CLASSES, (args.batch_size,), device=device)
     methods = list(METHODS)
     if args.model.startswith("vit") and all(map(importlib.util.find_spec, ("timm", "peft"))):

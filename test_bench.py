@@ -128,22 +128,22 @@ def test_bench_bf16_step_agrees_with_the_float32_step_and_trains_only_what_arc_t
     labels = torch.randint(0, 5, (8,))
     frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
     losses, gradients = {}, {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for precision in ("fp32", "bf16"):
         net = copy.deepcopy(model)
         with one_thread():
-            losses[dtype] = bench.training_step(net, images, labels, dtype)().item()
-        gradients[dtype] = {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
+            losses[precision] = bench.training_step(net, images, labels, precision)().item()
+        gradients[precision] = {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
         for name, param in net.named_parameters():
             if name in frozen:
                 assert param.grad is None and param.dtype == torch.float32
                 assert torch.equal(param, frozen[name]), name
             else:
                 assert not torch.equal(param, model.get_parameter(name)), name  # it trained
-    assert losses[torch.bfloat16] == pytest.approx(losses[torch.float32], rel=1e-2)
-    assert len(gradients[torch.float32]) == 2 + 2 * 12 * 2 + 2
-    for name, expected in gradients[torch.float32].items():
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=1e-2)
+    assert len(gradients["fp32"]) == 2 + 2 * 12 * 2 + 2
+    for name, expected in gradients["fp32"].items():
         cosine = torch.nn.functional.cosine_similarity(
-            expected.flatten(), gradients[torch.bfloat16][name].flatten(), dim=0
+            expected.flatten(), gradients["bf16"][name].flatten(), dim=0
         )
         assert cosine > 0.99, (name, cosine.item())
 
