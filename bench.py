@@ -14,7 +14,7 @@ by arc.reparameterize.
 
 Each is timed in float32 and under bf16 autocast. On a CPU, bf16 is timed only where the CPU
 computes it natively (oneDNN says so: AVX512-BF16 or AMX); elsewhere it is emulated and slow. The
-frozen weights stay float32, as train.py keeps them on a CPU; autocast casts them layer by layer.
+frozen weights stay float32 on every device, and autocast casts them layer by layer.
 
 Every variant runs in turn, round after round, and the median is reported, so that a machine whose
 speed drifts (a shared CPU, a GPU warming up) slows them all alike.
