@@ -49,12 +49,22 @@ def test_bench_times_a_whole_dtd_shaped_run_through_train_py(capfd, monkeypatch)
     args = ["--dtd-run", "--epochs", "1", "--model", "vit_t16", "--img-size", "16"]
     bench.main([*args, "--device", "cpu"])
     printed = capfd.readouterr().out
-    # an image folder of DTD's shape, trained with ARC's trainable tensors for vit_t16 and 47
-    # classes
+    # an image folder of DTD's shape; ARC's trainable tensors for vit_t16 and 47 classes
     assert "dtd_shaped: 1000 train / 1880 test images, 47 classes" in printed
     assert "34,079 trainable parameters" in printed
     summary = r"the DTD-shaped run \(vit_t16, 16 px, batch 32, 1 epochs, 32 steps\): (\d+\.\d) s"
     assert float(re.search(summary, printed).group(1)) > 0
+
+
+def test_bench_says_in_one_line_when_the_timed_run_fails(capfd, monkeypatch):
+    # 17 px does not suit vit_t16's 16 px patches: train.py says so, and bench.py adds one line
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = ["--dtd-run", "--epochs", "1", "--model", "vit_t16", "--img-size", "17"]
+    with pytest.raises(SystemExit) as stop:
+        bench.main([*args, "--device", "cpu"])
+    message = r"bench.py: train.py failed \(exit status [1-9]\d*\); its message is above"
+    assert re.fullmatch(message, stop.value.code)
+    assert "--img-size 17" in capfd.readouterr().err
 
 
 def test_bench_waits_for_the_device_it_times(monkeypatch):
