@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch.distributed as dist
 
 import data
-from runs import UserError, check_out, finished, flag, fmt_time, save_atomic
+from runs import UserError, check_out, finished, flag, save_atomic
 
 # vtab_ARC_train.py on the ViT: VTAB-1k, and image folders and synthetic data
 VTAB_RECIPE = dict(
@@ -289,22 +289,23 @@ def write_results(out, results, model, method, weights):
     conventions: of the task accuracies (the paper's, its 73.4) and of the three group means
     (RepAdapter's and PACE's, 75.8 for the paper's figures), that one with all three groups there.
     Beside them, for ARC on a model the paper reports, the paper's figures and its count of
-    trainable parameters."""
+    trainable parameters.
+
+    results.json: {"model", "method", "weights", "tasks": {task: {"final", "final_std", "best",
+    "best_std", "seeds", "trainable", "runs": the results given}}, "groups": {group: the mean of its
+    tasks' final accuracies}, "mean", "mean_of_groups" (None without all three groups), and for the
+    paper's models "paper": {"model", "figures": {task, group or suite: its figure, None where it
+    gives none}, "trainable": millions, or None}}."""
     tasks = {}
     for task, runs in results.items():
-        tasks[task] = {"seeds": len(runs), "trainable": runs[0]["trainable"], "runs": runs}
+        tasks[task] = {}
         for key in ("final", "best"):
             values = [run[key] for run in runs]
             tasks[task][key] = statistics.mean(values)
             tasks[task][key + "_std"] = statistics.stdev(values) if len(runs) > 1 else None
-    groups = {
-        group: [task for task in members if task in tasks]
-        for group, members in data.VTAB_GROUPS.items()
-        if set(members) & set(tasks)
-    }
-    means = {
-        g: statistics.mean(tasks[t]["final"] for t in members) for g, members in groups.items()
-    }
+        tasks[task].update(seeds=len(runs), trainable=runs[0]["trainable"], runs=runs)
+    groups = {g: [t for t in members if t in tasks] for g, members in data.VTAB_GROUPS.items()}
+    means = {g: statistics.mean(tasks[t]["final"] for t in ts) for g, ts in groups.items() if ts}
     summary = {
         "model": model,
         "method": method,
@@ -319,19 +320,21 @@ def write_results(out, results, model, method, weights):
     # The paper's figures for the tasks; its printed means, and its count of trainable parameters
     # (its mean over the suite's tasks), beside a whole suite only.
     figures = {}
+    trainable = None
     suite = next((s for s in PAPER_TRAINABLE if set(data.SUITES[s]) == set(tasks)), None)
     if method == "arc" and (model, weights) in PAPER_MODELS:
         column = list(PAPER_MODELS).index((model, weights))
-        shown = [*tasks, *groups, suite] if suite else tasks
+        shown = [*tasks, *means, suite] if suite else tasks
         figures = {row: PAPER_ACCURACY[row][column] for row in shown if row in PAPER_ACCURACY}
+        trainable = PAPER_TRAINABLE[suite][column] if suite else None
         summary["paper"] = {
             "model": PAPER_MODELS[(model, weights)],
             "figures": figures,
-            "trainable": PAPER_TRAINABLE[suite][column] if suite else None,
+            "trainable": trainable,
         }
     save_atomic(json.dumps(summary, indent=1), os.path.join(out, "results.json"))
 
-    header = ["task", "seeds", "final", "best (test-selected)", "trainable", "training + testing"]
+    header = ["task", "seeds", "final", "best (test-selected)", "trainable"]
     if figures:
         header += [f"paper: {summary['paper']['model']}", "final - paper"]
     lines = [
@@ -351,28 +354,31 @@ def write_results(out, results, model, method, weights):
     def add_row(name, cells, final):
         if figures.get(name) is not None:
             cells += [f"{figures[name]:.1f}", f"{final - figures[name]:+.2f}"]
-        lines.append("| " + " | ".join(cells + [""] * (len(header) - len(cells))) + " |")
+        elif figures:
+            cells += ["", ""]
+        lines.append("| " + " | ".join(cells) + " |")
 
     for task, row in tasks.items():
         cells = [task, str(row["seeds"])]
         for key in ("final", "best"):
             std = row[key + "_std"]
             cells.append(f"{row[key]:.2f}" + (f" ± {std:.2f}" if std is not None else ""))
-        seconds = sum(r["seconds"]["training"] + r["seconds"]["testing"] for r in row["runs"])
-        add_row(task, cells + [f"{row['trainable']:,}", fmt_time(seconds)], row["final"])
-    rows = {f"**{g} mean** ({len(members)} tasks)": (g, means[g]) for g, members in groups.items()}
+        add_row(task, cells + [f"{row['trainable']:,}"], row["final"])
+    rows = [
+        (f"**{group} mean** ({len(groups[group])} tasks)", group, means[group]) for group in means
+    ]
     label = f"**mean of the {len(tasks)} task accuracies** (the paper's convention)"
-    rows[label] = (suite, summary["mean"])
-    if summary["mean_of_groups"] is not None:
-        label = "**mean of the 3 group means** (RepAdapter's and PACE's convention)"
-        rows[label] = ("", summary["mean_of_groups"])
-    for label, (name, mean) in rows.items():
-        add_row(name, [label, "", f"{mean:.2f}", "", "", ""], mean)
-    if summary.get("paper", {}).get("trainable"):
+    rows.append((label, suite, summary["mean"]))
+    label = "**mean of the 3 group means** (RepAdapter's and PACE's convention)"
+    rows.append((label, "", summary["mean_of_groups"]))
+    for label, name, mean in rows:
+        if mean is not None:
+            add_row(name, [label, "", f"{mean:.2f}", "", ""], mean)
+    if trainable:
         ours = statistics.mean(task["trainable"] for task in tasks.values()) / 1e6
         lines.append(
             f"\nTrainable parameters, adapters and head: {ours:.2f}M here, "
-            f"{summary['paper']['trainable']}M in the paper: the mean over the suite's tasks. "
+            f"{trainable}M in the paper: the mean over the suite's tasks. "
             "Where they differ, --rank is not the official 50, or r = 50 does not give the "
             "paper's count: ViT-L/16's 0.18M, ViT-H/14's 0.22M and FGVC's 0.25M are 0.20M, 0.28M "
             "and 0.28M with r = 50 and the suite's heads (ARC.md section 11). r is not tuned to "
