@@ -13,12 +13,13 @@ paper's text: the README says where.
 
 import json
 import os
+import statistics
 from types import SimpleNamespace
 
 import torch.distributed as dist
 
 import data
-from runs import UserError, check_out, finished, flag, fmt_time, save_atomic
+from runs import UserError, check_out, finished, flag, save_atomic
 
 # vtab_ARC_train.py on the ViT: VTAB-1k, and image folders and synthetic data
 VTAB_RECIPE = dict(
@@ -139,31 +140,55 @@ def settings(given, saved=None):
     return SimpleNamespace(**cfg), sources, recipe_name
 
 
-ACCURACY = {  # the ARC paper's ViT-B/16 top-1 accuracies (ARC.md section 4), shown beside vit_b16 arc results
-    "cifar": 72.2,
-    "caltech101": 90.1,
-    "dtd": 72.7,
-    "oxford_flowers102": 99.0,
-    "oxford_iiit_pet": 91.0,
-    "svhn": 91.9,
-    "sun397": 54.4,
-    "patch_camelyon": 84.9,
-    "eurosat": 95.7,
-    "resisc45": 86.7,
-    "diabetic_retinopathy": 75.8,
-    "clevr_count": 80.7,
-    "clevr_dist": 67.1,
-    "dmlab": 48.7,
-    "kitti": 81.6,
-    "dsprites_loc": 79.2,
-    "dsprites_ori": 51.0,
-    "smallnorb_azi": 31.4,
-    "smallnorb_ele": 39.9,
-    "cub": 88.5,
-    "nabirds": 85.3,
-    "flowers": 99.3,
-    "dogs": 91.9,
-    "cars": 85.7,
+# The ARC paper's top-1 accuracies (%) with ARC on each model it reports: ViT-B/16 as the paper
+# prints them (ARC.md section 4); ViT-L/16, ViT-H/14, Swin-B and ARC* (ViT-B/16 from Google's AugReg
+# ImageNet-21k weights) as the first author's RLRR reprints them (section 11). Rows: the tasks, then
+# the group means and the suites' means as printed, not recomputed. None: the source gives no
+# figure, and none is inferred.
+PAPER_MODELS = {  # (model, weights) -> its name, in the order of PAPER_ACCURACY's columns
+    ("vit_b16", "auto"): "ViT-B/16",
+    ("vit_l16", "auto"): "ViT-L/16",
+    ("vit_h14", "auto"): "ViT-H/14",
+    ("swin_b", "auto"): "Swin-B",
+    ("vit_b16", "augreg"): "ARC* (ViT-B/16, AugReg weights)",
+}
+PAPER_ACCURACY = {
+    "cifar": (72.2, 76.2, 67.6, 62.5, 71.2),
+    "caltech101": (90.1, 89.6, 90.2, 90.0, 90.9),
+    "dtd": (72.7, 73.4, 69.5, 71.9, 75.9),
+    "oxford_flowers102": (99.0, 99.1, 98.4, 99.2, 99.5),
+    "oxford_iiit_pet": (91.0, 90.3, 87.9, 87.8, 92.1),
+    "svhn": (91.9, 90.9, 90.8, 90.7, 90.8),
+    "sun397": (54.4, 56.5, 49.6, 51.1, 52.0),
+    "patch_camelyon": (84.9, 85.0, 84.5, 89.1, 87.4),
+    "eurosat": (95.7, 95.7, 94.9, 95.8, 96.5),
+    "resisc45": (86.7, 85.9, 85.1, 84.5, 87.6),
+    "diabetic_retinopathy": (75.8, 75.8, 74.6, 77.0, 76.4),
+    "clevr_count": (80.7, 78.6, 75.2, 75.4, 83.3),
+    "clevr_dist": (67.1, 62.1, 66.7, 57.4, 61.1),
+    "dmlab": (48.7, 46.7, 46.2, 53.4, 54.6),
+    "kitti": (81.6, 76.7, 76.4, 83.1, 81.7),
+    "dsprites_loc": (79.2, 75.9, None, 91.7, None),
+    "dsprites_ori": (51.0, None, None, 55.2, None),
+    "smallnorb_azi": (31.4, None, None, 31.6, 30.9),
+    "smallnorb_ele": (39.9, None, None, None, 41.3),
+    "natural": (81.6, 82.3, 79.1, 79.0, 81.8),
+    "specialized": (85.8, 85.6, 84.8, 86.6, 87.0),
+    "structured": (60.0, 57.3, 53.7, 59.9, 61.4),
+    "vtab-1k": (73.4, 72.5, 69.6, 72.6, 74.3),  # the mean of the 19 task accuracies
+    "cub": (88.5, None, None, None, 89.3),
+    "nabirds": (85.3, None, None, None, 85.7),
+    "flowers": (99.3, None, None, None, 99.7),
+    "dogs": (91.9, None, None, None, 89.1),
+    "cars": (85.7, None, None, None, 89.5),
+    "fgvc": (90.1, None, None, None, 90.7),
+}
+# The paper's trainable parameters (millions) per suite: its mean over the suite's tasks, adapters
+# and heads. r = 50 and the heads give ViT-B/16 0.13M and Swin-B 0.27M, but ViT-L/16 0.20M, ViT-H/14
+# 0.28M and FGVC 0.28M (ARC.md section 11).
+PAPER_TRAINABLE = {
+    "vtab-1k": (0.13, 0.18, 0.22, 0.27, 0.13),
+    "fgvc": (0.25, None, None, None, 0.25),
 }
 
 
@@ -193,7 +218,8 @@ def run_suite(given, out, ctx, resume, run_task):
             done["result"] if done else run_task(options, folder, ctx, resume_from)
         )
         if ctx.rank == 0:
-            write_results(out, results, suite["model"], suite["method"])
+            seeds = {task: [result] for task, result in results.items()}
+            write_results(out, seeds, suite["model"], suite["method"], suite["weights"])
     return results
 
 
@@ -256,76 +282,104 @@ def read_suite(path, out):
         ) from None
 
 
-def write_results(out, results, model, method):
-    """results.json and results.md: each task's final and best accuracy, the VTAB-1k group means, the mean of
-    all tasks (of the task accuracies, as the paper's 73.4: not of the group means), and beside them the
-    paper's ARC figures for the same tasks when the run is the paper's (vit_b16, arc)."""
-    mean = lambda values: round(sum(values) / len(values), 2)
-    groups = {
-        g: [t for t in tasks if t in results]
-        for g, tasks in data.VTAB_GROUPS.items()
-        if set(tasks) & set(results)
-    }
+def write_results(out, results, model, method, weights):
+    """results.json and results.md in `out`, from `results`: {task: [the result of each finished
+    seed]}. Per task, the mean and the sample standard deviation (n - 1; None for one seed) over the
+    seeds of the final and of the best accuracy. Then the VTAB-1k group means, and the mean in both
+    conventions: of the task accuracies (the paper's, its 73.4) and of the three group means
+    (RepAdapter's and PACE's, 75.8 for the paper's figures), that one with all three groups there.
+    Beside them, for ARC on a model the paper reports, the paper's figures and its count of
+    trainable parameters.
+
+    results.json: {"model", "method", "weights", "tasks": {task: {"final", "final_std", "best",
+    "best_std", "seeds", "trainable", "runs": the results given}}, "groups": {group: the mean of its
+    tasks' final accuracies}, "mean", "mean_of_groups" (None without all three groups), and for the
+    paper's models "paper": {"model", "figures": {task, group or suite: its figure, None where it
+    gives none}, "trainable": millions, or None}}."""
+    tasks = {}
+    for task, runs in results.items():
+        tasks[task] = {}
+        for key in ("final", "best"):
+            values = [run[key] for run in runs]
+            tasks[task][key] = statistics.mean(values)
+            tasks[task][key + "_std"] = statistics.stdev(values) if len(runs) > 1 else None
+        tasks[task].update(seeds=len(runs), trainable=runs[0]["trainable"], runs=runs)
+    groups = {g: [t for t in members if t in tasks] for g, members in data.VTAB_GROUPS.items()}
+    means = {g: statistics.mean(tasks[t]["final"] for t in ts) for g, ts in groups.items() if ts}
     summary = {
-        "tasks": results,
-        "groups": {g: mean([results[t]["final"] for t in ts]) for g, ts in groups.items()},
-        "mean": mean([r["final"] for r in results.values()]),
+        "model": model,
+        "method": method,
+        "weights": weights,
+        "tasks": tasks,
+        "groups": means,
+        "mean": statistics.mean(task["final"] for task in tasks.values()),
+        "mean_of_groups": statistics.mean(means.values()) if len(means) == 3 else None,
     }
-    paper = (model, method) == ("vit_b16", "arc") and set(results) <= set(ACCURACY)
-    if paper:
+    # The paper's figures for the tasks; its printed means, and its count of trainable parameters
+    # (its mean over the suite's tasks), beside a whole suite only.
+    figures = {}
+    trainable = None
+    suite = next((s for s in PAPER_TRAINABLE if set(data.SUITES[s]) == set(tasks)), None)
+    if method == "arc" and (model, weights) in PAPER_MODELS:
+        column = list(PAPER_MODELS).index((model, weights))
+        shown = [*tasks, *means, suite] if suite else tasks
+        figures = {row: PAPER_ACCURACY[row][column] for row in shown if row in PAPER_ACCURACY}
+        trainable = PAPER_TRAINABLE[suite][column] if suite else None
         summary["paper"] = {
-            "tasks": {t: ACCURACY[t] for t in results},
-            "mean": mean([ACCURACY[t] for t in results]),
-            "groups": {g: mean([ACCURACY[t] for t in ts]) for g, ts in groups.items()},
+            "model": PAPER_MODELS[(model, weights)],
+            "figures": figures,
+            "trainable": trainable,
         }
     save_atomic(json.dumps(summary, indent=1), os.path.join(out, "results.json"))
 
-    def row(name, final, best=None, reference=0.0, trainable="", seconds=""):
-        cells = [name, f"{final:.2f}", f"{best:.2f}" if best is not None else ""]
-        cells += [f"{reference:.1f}", f"{final - reference:+.2f}"] * paper + [trainable, seconds]
-        return "| " + " | ".join(cells) + " |"
-
+    header = ["task", "seeds", "final", "best (test-selected)", "trainable"]
+    if figures:
+        header += [f"paper: {summary['paper']['model']}", "final - paper"]
     lines = [
         f"# ARC: {model}, {method}",
         "",
-        "Top-1 test accuracy (%). **final**: after the last epoch, the honest "
-        "figure. **best**: the best of the evaluated epochs, selected on the test set, as the official code reports "
-        "(its protocol tests every epoch: `--eval-every 1`)."
-        + " **paper**: the ARC paper's ViT-B/16 figures."
-        * paper,
+        f"Weights: {weights}. Top-1 test accuracy (%), the mean ± the sample standard deviation "
+        "(n - 1) over the seeds (one seed: no ±). **final**: after the last epoch, the honest "
+        "figure. **best**: the best of the evaluated epochs, selected on the test set, as the "
+        "official code reports (its protocol tests every epoch: `--eval-every 1`). **paper**: the "
+        "ARC paper's figures (ARC.md sections 4 and 11), empty where it gives none; its printed "
+        "means and its count of trainable parameters beside a whole suite only.",
         "",
-        "| task | final | best (test-selected) | "
-        + "paper | final - paper | " * paper
-        + "trainable | training + "
-        "testing |",
-        "|---" * (5 + 2 * paper) + "|",
+        "| " + " | ".join(header) + " |",
+        "|---" * len(header) + "|",
     ]
-    ungrouped = [t for t in results if not any(t in ts for ts in groups.values())]
-    for group, tasks in [*groups.items(), ("", ungrouped)]:
-        for t in tasks:
-            lines.append(
-                row(
-                    t,
-                    results[t]["final"],
-                    results[t]["best"],
-                    ACCURACY.get(t, 0.0),
-                    f"{results[t]['trainable']:,}",
-                    fmt_time(results[t]["seconds"]["training"] + results[t]["seconds"]["testing"]),
-                )
-            )
-        if group:
-            lines.append(
-                row(
-                    f"**{group} mean** ({len(tasks)} tasks)",
-                    summary["groups"][group],
-                    reference=paper and summary["paper"]["groups"][group],
-                )
-            )
-    lines.append(
-        row(
-            f"**mean of all {len(results)} tasks**",
-            summary["mean"],
-            reference=paper and summary["paper"]["mean"],
+
+    def add_row(name, cells, final):
+        if figures.get(name) is not None:
+            cells += [f"{figures[name]:.1f}", f"{final - figures[name]:+.2f}"]
+        elif figures:
+            cells += ["", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+
+    for task, row in tasks.items():
+        cells = [task, str(row["seeds"])]
+        for key in ("final", "best"):
+            std = row[key + "_std"]
+            cells.append(f"{row[key]:.2f}" + (f" ± {std:.2f}" if std is not None else ""))
+        add_row(task, cells + [f"{row['trainable']:,}"], row["final"])
+    rows = [
+        (f"**{group} mean** ({len(groups[group])} tasks)", group, means[group]) for group in means
+    ]
+    label = f"**mean of the {len(tasks)} task accuracies** (the paper's convention)"
+    rows.append((label, suite, summary["mean"]))
+    label = "**mean of the 3 group means** (RepAdapter's and PACE's convention)"
+    rows.append((label, "", summary["mean_of_groups"]))
+    for label, name, mean in rows:
+        if mean is not None:
+            add_row(name, [label, "", f"{mean:.2f}", "", ""], mean)
+    if trainable:
+        ours = statistics.mean(task["trainable"] for task in tasks.values()) / 1e6
+        lines.append(
+            f"\nTrainable parameters, adapters and head: {ours:.2f}M here, "
+            f"{trainable}M in the paper: the mean over the suite's tasks. "
+            "Where they differ, --rank is not the official 50, or r = 50 does not give the "
+            "paper's count: ViT-L/16's 0.18M, ViT-H/14's 0.22M and FGVC's 0.25M are 0.20M, 0.28M "
+            "and 0.28M with r = 50 and the suite's heads (ARC.md section 11). r is not tuned to "
+            "match."
         )
-    )
     save_atomic("\n".join(lines) + "\n", os.path.join(out, "results.md"))
