@@ -255,9 +255,10 @@ def add_adapters(model, rank=50, method="arc", dropout=0.1, targets=None):
     whose input (the normed tokens) the adapter transforms, e.g. "blocks.*.attn.qkv". A pattern may
     follow any prefix; '*' stands for one part of a name and marks the block: the layers that one
     block sends the same tokens to (its q, k and v projections) share one adapter. "{q,k,v}_proj"
-    stands for three names. "a:b" names a module a whose input is transformed, and its linear layer
-    a.b that a applies to it with F.linear (timm's BEiT, torchvision's Swin). None: the targets of
-    the model's family in FAMILIES.
+    stands for three names. "a:b" names a module a whose input is transformed, and the linear layer
+    a.b that a applies to all of it: by F.linear on its weight (timm's BEiT, torchvision's Swin), or
+    by calling it, where hooking a rather than b also lets torch.fx trace the adapter (fx does not
+    enter an nn.Linear, nor run its hooks). None: the targets of the model's family in FAMILIES.
 
     W becomes <owner>.down_proj_<position>, the owner being the closest module that holds every
     block of that width ("_<width>" is added when it holds several widths); an adapter becomes
@@ -309,10 +310,10 @@ def add_adapters(model, rank=50, method="arc", dropout=0.1, targets=None):
 FAMILIES = {
     "timm ViT, DeiT, DINOv2, BEiT, EVA, Swin; vit.py, swin.py": {
         "att": "blocks.*.attn:qkv",
-        "ffn": "blocks.*.mlp.fc1",
+        "ffn": "blocks.*.mlp:fc1",
     },
-    "torchvision ViT": {"att": "encoder.layers.*.self_attention", "ffn": "encoder.layers.*.mlp.0"},
-    "torchvision Swin": {"att": "features.*.*.attn:qkv", "ffn": "features.*.*.mlp.0"},
+    "torchvision ViT": {"att": "encoder.layers.*.self_attention", "ffn": "encoder.layers.*.mlp:0"},
+    "torchvision Swin": {"att": "features.*.*.attn:qkv", "ffn": "features.*.*.mlp:0"},
     "transformers ViT, DeiT, BEiT, ViTMAE": {
         "att": "layers.*.attention.{q,k,v}_proj",
         "ffn": "layers.*.mlp.fc1",
@@ -536,9 +537,9 @@ def _attach(block, position, down_proj, sites, dropout, training):
         block.adapter_hooks = []
     block.adapter_feeds[position] = [layer_name for _, _, layer_name in sites]
     hook = AdapterHook(adapter, [layer_name for _, _, layer_name in sites])
-    for hooked, _, _ in sites:
+    for hooked in dict.fromkeys(hooked for hooked, _, _ in sites):  # each module once
         block.adapter_hooks.append(hooked.register_forward_pre_hook(hook.adapt, with_kwargs=True))
-    block.adapter_hooks.append(block.register_forward_hook(hook.check))
+    block.adapter_hooks.append(block.register_forward_hook(hook.check, with_kwargs=True))
 
 
 class AdapterHook:
@@ -570,10 +571,13 @@ class AdapterHook:
         kwargs = {key: adapted if value is tokens else value for key, value in kwargs.items()}
         return args, kwargs
 
-    def check(self, block, args, output):
+    def check(self, block, args, kwargs, output):
         """After the block's forward, whichever module was called first: the adapter must have
-        acted. Then the adapted tokens are let go."""
-        if self.pending is None:
+        acted. Then the adapted tokens are let go. Not while torch.fx traces the block with
+        stand-ins (Proxy): fx runs no hook of the modules it keeps whole (nn.Linear, torchvision's
+        MLP), but the traced graph calls those modules, and so their hooks."""
+        tracing = any(isinstance(value, torch.fx.Proxy) for value in [*args, *kwargs.values()])
+        if self.pending is None and not tracing:
             raise RuntimeError(
                 f"ARC's adapter for {', '.join(self.feeds)} was never called in "
                 f"{type(block).__name__}'s forward: those layers were not called, though the block "

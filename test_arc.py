@@ -21,6 +21,7 @@ import vit
 from conftest import (
     ARC_RANK,
     HERE,
+    LayerScale,
     TimmStyleBlock,
     TimmStyleViT,
     randomize_arc,
@@ -184,6 +185,238 @@ def _torchvision_swin():
     )
 
 
+def _put(root, name, module):
+    """Register `module` under `root` at the dotted `name`, making the parents on the way (a
+    ModuleList where numbered children follow)."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = root
+    parts = parent_name.split(".") if parent_name else []
+    for i, part in enumerate(parts):
+        if not hasattr(parent, part):
+            numbered = (parts + [leaf])[i + 1].isdigit()
+            parent.add_module(part, torch.nn.ModuleList() if numbered else torch.nn.Module())
+        parent = getattr(parent, part)
+    parent.add_module(leaf, module)
+
+
+class LayoutBlock(torch.nn.Module):
+    """A pre-norm ViT block whose modules bear a library's names: `names` maps the roles norm1, q,
+    k, v, proj, norm2, fc1, fc2 (and ls1, ls2: LayerScale) to dotted names, in the library's order
+    of registration. key_bias=False: a key projection without bias (BEiT, Data2Vec-vision)."""
+
+    def __init__(self, dim, names, key_bias=True):
+        super().__init__()
+        self.names = names
+        for role, name in names.items():
+            if role.startswith("norm"):
+                module = torch.nn.LayerNorm(dim)
+            elif role.startswith("ls"):
+                module = LayerScale(dim)
+            elif role == "fc1":
+                module = torch.nn.Linear(dim, 2 * dim)
+            elif role == "fc2":
+                module = torch.nn.Linear(2 * dim, dim)
+            else:
+                module = torch.nn.Linear(dim, dim, bias=key_bias or role != "k")
+            _put(self, name, module)
+
+    def role(self, role):
+        return self.get_submodule(self.names[role]) if role in self.names else torch.nn.Identity()
+
+    def forward(self, x):
+        B, N, C = x.shape
+        h = self.role("norm1")(x)
+        q, k, v = (self.role(r)(h).view(B, N, 2, -1).transpose(1, 2) for r in "qkv")
+        mixed = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        x = x + self.role("ls1")(self.role("proj")(mixed.reshape(B, N, C)))
+        h = torch.nn.functional.gelu(self.role("fc1")(self.role("norm2")(x)))
+        return x + self.role("ls2")(self.role("fc2")(h))
+
+
+class AttentionPool(torch.nn.Module):
+    """SigLIP's attention-pooling head (probe, attention, layernorm, mlp): part of the backbone."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.probe = torch.nn.Parameter(torch.randn(1, 1, dim))
+        self.attention = torch.nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.layernorm = torch.nn.LayerNorm(dim)
+        self.mlp = vit.Mlp(dim, 2 * dim)
+
+    def forward(self, x):
+        pooled = self.attention(self.probe.expand(len(x), -1, -1), x, x)[0][:, 0]
+        return pooled + self.mlp(self.layernorm(pooled))
+
+
+class OpenClipBlock(torch.nn.Module):
+    """open_clip's ResidualAttentionBlock: ln_1, attn (an nn.MultiheadAttention called as (x, x,
+    x)), ln_2, mlp.c_fc, mlp.c_proj."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.ln_1 = torch.nn.LayerNorm(dim)
+        self.attn = torch.nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.ln_2 = torch.nn.LayerNorm(dim)
+        self.mlp = torch.nn.Sequential()
+        self.mlp.c_fc = torch.nn.Linear(dim, 2 * dim)
+        self.mlp.gelu = torch.nn.GELU()
+        self.mlp.c_proj = torch.nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class LayoutModel(torch.nn.Module):
+    """A transformer whose modules bear a library's names. `sequence`: (dotted name, module) in the
+    order that forward applies them to the tokens; `heads`: the names of its classifiers (their
+    logits add up; none: it returns the pooled tokens); `pool`: SigLIP's attention-pooling head.
+    `extra`: modules that forward never calls (CLIP's text tower)."""
+
+    def __init__(self, sequence, heads=("classifier",), pool=None, extra=(), widths=(32, 32)):
+        super().__init__()
+        self.patch_embed = torch.nn.Conv2d(3, widths[0], 8, 8)
+        self.order = [name for name, _ in sequence]
+        for name, module in [*sequence, *extra]:
+            _put(self, name, module)
+        self.final_norm = torch.nn.LayerNorm(widths[-1])
+        self.head_names = list(heads)
+        self.pool_name = pool
+        for name in heads:
+            _put(self, name, torch.nn.Linear(widths[-1], 5))
+        if pool:
+            _put(self, pool, AttentionPool(widths[-1]))
+
+    def forward(self, images):
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)
+        for name in self.order:
+            x = self.get_submodule(name)(x)
+        x = self.final_norm(x)
+        pooled = self.get_submodule(self.pool_name)(x) if self.pool_name else x.mean(1)
+        if not self.head_names:
+            return pooled
+        return sum(self.get_submodule(name)(pooled) for name in self.head_names)
+
+
+# Block layouts by role (see LayoutBlock), read off transformers 5.25
+HF_VIT = {
+    "q": "attention.q_proj",
+    "k": "attention.k_proj",
+    "v": "attention.v_proj",
+    "proj": "attention.o_proj",
+    "norm1": "layernorm_before",
+    "norm2": "layernorm_after",
+    "fc1": "mlp.fc1",
+    "fc2": "mlp.fc2",
+}
+HF_DINOV2 = {
+    "norm1": "norm1",
+    "q": "attention.q_proj",
+    "k": "attention.k_proj",
+    "v": "attention.v_proj",
+    "proj": "attention.o_proj",
+    "ls1": "layer_scale1",
+    "norm2": "norm2",
+    "fc1": "mlp.fc1",
+    "fc2": "mlp.fc2",
+    "ls2": "layer_scale2",
+}
+HF_CLIP = {
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "q": "self_attn.q_proj",
+    "proj": "self_attn.out_proj",
+    "norm1": "layer_norm1",
+    "fc1": "mlp.fc1",
+    "fc2": "mlp.fc2",
+    "norm2": "layer_norm2",
+}
+HF_4 = {  # transformers 4's names, which Data2Vec-vision keeps in 5.25
+    "q": "attention.attention.query",
+    "k": "attention.attention.key",
+    "v": "attention.attention.value",
+    "proj": "attention.output.dense",
+    "fc1": "intermediate.dense",
+    "fc2": "output.dense",
+    "norm1": "layernorm_before",
+    "norm2": "layernorm_after",
+}
+
+
+def _stack(prefix, names, depth=3, width=32, key_bias=True):
+    return [(f"{prefix}.{i}", LayoutBlock(width, names, key_bias)) for i in range(depth)]
+
+
+def _hf_swin():
+    """transformers' SwinForImageClassification by its names; its blocks attend over all tokens."""
+    stages = [
+        *_stack("swin.encoder.layers.0.blocks", HF_VIT, 2, 16),
+        ("swin.encoder.layers.0.downsample", torch.nn.Linear(16, 32)),
+        *_stack("swin.encoder.layers.1.blocks", HF_VIT, 2, 32),
+    ]
+    return LayoutModel(stages, widths=(16, 32))
+
+
+def _open_clip(prefix="", text=False):
+    """open_clip's VisionTransformer, or with prefix "visual." and text=True its CLIP model."""
+    resblocks = [(f"{prefix}transformer.resblocks.{i}", OpenClipBlock(32)) for i in range(3)]
+    text_tower = [(f"transformer.resblocks.{i}", OpenClipBlock(32)) for i in range(2) if text]
+    return LayoutModel(resblocks, heads=(), extra=text_tower)
+
+
+class BeitAttention(vit.Attention):
+    """timm's BEiT (and EVA) attention: qkv without bias; its own q_bias and v_bias and a zero
+    k_bias buffer, applied with F.linear; a relative position bias on the logits."""
+
+    def __init__(self, dim, heads, tokens=17):
+        super().__init__(dim, heads)
+        self.qkv = torch.nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = torch.nn.Parameter(torch.randn(dim) * 0.1)
+        self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
+        self.v_bias = torch.nn.Parameter(torch.randn(dim) * 0.1)
+        self.relative_position_bias = torch.nn.Parameter(torch.randn(heads, tokens, tokens))
+
+    def forward(self, x):
+        B, N, C = x.shape
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        qkv = torch.nn.functional.linear(x, self.qkv.weight, bias)
+        q, k, v = qkv.view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        mixed = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=self.relative_position_bias
+        )
+        return self.proj(mixed.transpose(1, 2).reshape(B, N, C))
+
+
+class RotaryEmbeddingCat(torch.nn.Module):
+    """timm's EVA-02 rotary position embeddings, by the class name that add_adapters looks for."""
+
+
+def _timm_beit(rotary=False):
+    model = TimmStyleViT()
+    for block in model.blocks:
+        block.attn = BeitAttention(32, 2)
+    if rotary:  # EVA-02
+        model.rope = RotaryEmbeddingCat()
+    return model
+
+
+class DistilledViT(TimmStyleViT):
+    """timm's VisionTransformerDistilled (deit_*_distilled_*): `head` on the class token,
+    `head_dist` on the distillation token; in eval, the mean of their logits."""
+
+    def __init__(self):
+        super().__init__(registers=1)  # the distillation token, where a register would be
+        self.head_dist = torch.nn.Linear(32, 5)
+
+    def forward(self, images):
+        x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
+        x = torch.cat([x[:, :1], self.reg_token.expand(len(x), -1, -1), x[:, 1:]], dim=1)
+        x = self.norm(self.blocks(x))
+        return (self.head(x[:, 0]) + self.head_dist(x[:, 1])) / 2
+
+
 ARC_FAMILIES = {  # name -> (a small model, its input size, [(width, blocks of that width)])
     "timm ViT": (TimmStyleViT, 32, [(32, 3)]),
     "timm DINOv2 (LayerScale, registers)": (
@@ -202,7 +435,79 @@ ARC_FAMILIES = {  # name -> (a small model, its input size, [(width, blocks of t
     "transformers 4 ViT": (lambda: HFStyleViT(version=4), 32, [(32, 3)]),
     "vit.py": (lambda: tiny_vit(num_classes=5), 32, [(32, 2)]),
     "swin.py": (lambda: swin_tiny(), 64, [(16, 2), (32, 2), (64, 2)]),
+    "timm BEiT (q and v biases of its own)": (_timm_beit, 32, [(32, 3)]),
+    "timm DeiT distilled (head, head_dist)": (DistilledViT, 32, [(32, 3)]),
+    "transformers Dinov2Model": (
+        lambda: LayoutModel(_stack("encoder.layer", HF_DINOV2), heads=()),
+        32,
+        [(32, 3)],
+    ),
+    "transformers Dinov2ForImageClassification": (
+        lambda: LayoutModel(_stack("dinov2.encoder.layer", HF_DINOV2)),
+        32,
+        [(32, 3)],
+    ),
+    "transformers CLIPVisionModel": (
+        lambda: LayoutModel(_stack("encoder.layers", HF_CLIP), heads=()),
+        32,
+        [(32, 3)],
+    ),
+    "transformers CLIPModel (text tower left alone)": (
+        lambda: LayoutModel(
+            _stack("vision_model.encoder.layers", HF_CLIP),
+            heads=(),
+            extra=_stack("text_model.encoder.layers", HF_CLIP, 2),
+        ),
+        32,
+        [(32, 3)],
+    ),
+    "transformers SiglipVisionModel (attention pooling frozen)": (
+        lambda: LayoutModel(_stack("encoder.layers", HF_CLIP), heads=(), pool="head"),
+        32,
+        [(32, 3)],
+    ),
+    "transformers SwinForImageClassification": (_hf_swin, 32, [(16, 2), (32, 2)]),
+    "transformers DeiTForImageClassification": (
+        lambda: LayoutModel(_stack("deit.layers", HF_VIT)),
+        32,
+        [(32, 3)],
+    ),
+    "transformers DeiTForImageClassificationWithTeacher": (
+        lambda: LayoutModel(
+            _stack("deit.layers", HF_VIT), heads=("cls_classifier", "distillation_classifier")
+        ),
+        32,
+        [(32, 3)],
+    ),
+    "transformers ViTMAEModel": (
+        lambda: LayoutModel(_stack("layers", HF_VIT), heads=()),
+        32,
+        [(32, 3)],
+    ),
+    "transformers BeitForImageClassification (no key bias)": (
+        lambda: LayoutModel(_stack("beit.layers", HF_VIT, key_bias=False)),
+        32,
+        [(32, 3)],
+    ),
+    "transformers Data2VecVisionForImageClassification (no key bias)": (
+        lambda: LayoutModel(_stack("data2vec_vision.encoder.layer", HF_4, key_bias=False)),
+        32,
+        [(32, 3)],
+    ),
+    "open_clip VisionTransformer": (_open_clip, 32, [(32, 3)]),
+    "open_clip CLIP (text tower left alone)": (
+        lambda: _open_clip("visual.", text=True),
+        32,
+        [(32, 3)],
+    ),
 }
+
+
+def _head(family):
+    """What mark_trainable trains as a family's head: a model without a classifier has none."""
+    modules = dict(ARC_FAMILIES[family][0]().named_modules())
+    has_head = any(isinstance(modules.get(name), torch.nn.Linear) for name in arc.HEADS)
+    return "auto" if has_head else None
 
 
 def _layer_weight(layer):
@@ -223,9 +528,8 @@ def _arc_on(family, method="arc", dropout=0.1):
     torch.manual_seed(0)
     plain = build().eval()
     with torch.no_grad():
-        for name in arc.arc_state_dict(
-            plain
-        ):  # the head alone; some start at zero, which would hide everything
+        # the head alone; some start at zero, which would hide everything
+        for name in arc.arc_state_dict(plain, _head(family)):
             plain.get_parameter(name).normal_(0, 0.5)
     model = arc.add_adapters(copy.deepcopy(plain), rank=ARC_RANK, method=method, dropout=dropout)
     with torch.no_grad():
@@ -375,10 +679,10 @@ def test_adapter_checkpoint_is_small_and_reloads(tmp_path):
 def test_add_adapters_counts_acts_and_folds_back_into_the_original_model(family, method):
     build, _, widths = ARC_FAMILIES[family]
     plain, model, images = _arc_on(family, method)
-    head = sum(v.numel() for v in arc.arc_state_dict(plain).values())
+    head = sum(v.numel() for v in arc.arc_state_dict(plain, _head(family)).values())
     positions = arc.METHODS[method]  # 2 (d r + L (r + d)) per width for arc, half for arc_att
     assert (
-        arc.mark_trainable(model)
+        arc.mark_trainable(model, _head(family))
         == len(positions) * sum(d * ARC_RANK + L * (ARC_RANK + d) for d, L in widths) + head
     )
     fed = [
@@ -404,6 +708,9 @@ def test_add_adapters_counts_acts_and_folds_back_into_the_original_model(family,
     )  # every hook removed
     fresh = build().eval()
     fresh.load_state_dict(folded.state_dict(), strict=True)
+    # alike but for the weights: nn.MultiheadAttention computes differently for frozen ones
+    fresh.requires_grad_(False)
+    folded.requires_grad_(False)
     with torch.no_grad():
         assert torch.equal(fresh(images), folded(images))
     # the weight changes at one position, stacked over the layers of one width, have rank r: the
@@ -425,28 +732,30 @@ def test_add_adapters_counts_acts_and_folds_back_into_the_original_model(family,
 def test_an_adamw_step_moves_only_the_arc_tensors_and_the_head(family):
     _, model, images = _arc_on(family)
     model.train()
-    arc.mark_trainable(model)
+    arc.mark_trainable(model, _head(family))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model(images).logsumexp(-1).sum().backward()
     optimizer.step()
     moved = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
-    assert moved == set(arc.arc_state_dict(model)) and any(
-        name.startswith(("head", "classifier")) for name in moved
-    )
+    assert moved == set(arc.arc_state_dict(model, _head(family)))
+    heads_moved = moved - set(arc.arc_state_dict(model, head=None))
+    assert bool(heads_moved) == (_head(family) is not None)
 
 
 @pytest.mark.parametrize("family", list(ARC_FAMILIES))
 def test_arc_state_dict_round_trips_into_a_second_model(family):
     plain, model, images = _arc_on(family)
+    head = _head(family)
     second = arc.add_adapters(copy.deepcopy(plain), rank=ARC_RANK)
-    arc.load_arc_state_dict(second, arc.arc_state_dict(model))
+    arc.load_arc_state_dict(second, arc.arc_state_dict(model, head), head)
     with torch.no_grad():
         assert torch.equal(second(images), model(images))
     with pytest.raises(ValueError, match="does not fit this model"):
         arc.load_arc_state_dict(
             arc.add_adapters(copy.deepcopy(plain), rank=ARC_RANK, method="arc_att"),
-            arc.arc_state_dict(model),
+            arc.arc_state_dict(model, head),
+            head,
         )
 
 
@@ -588,6 +897,111 @@ def test_an_unrecognised_model_or_wrong_targets_get_one_clear_error():
     ):
         arc.mark_trainable(backbone)
     assert arc.mark_trainable(backbone, head=None) == 2 * (32 * ARC_RANK + 3 * (ARC_RANK + 32))
+
+
+def test_beit_folds_exactly_into_its_q_and_v_biases_and_drops_the_keys_share():
+    # a vector added to every key adds q . c to all of one query's logits: softmax ignores it
+    _, model, images = _arc_on("timm BEiT (q and v biases of its own)")
+    attention = model.blocks[0].attn
+    q_bias, v_bias = attention.q_bias.clone(), attention.v_bias.clone()
+    shift = attention.qkv.weight.detach() @ model.blocks[0].adapter_att.bias.detach()  # Wt b_l
+    with torch.no_grad():
+        adapted = model(images)
+        folded = arc.reparameterize(model)
+        assert (folded(images) - adapted).abs().max() <= 1e-5 * adapted.abs().max()
+    assert torch.allclose(attention.q_bias, q_bias + shift[:32], atol=1e-6)
+    assert torch.allclose(attention.v_bias, v_bias + shift[64:], atol=1e-6)
+    assert shift[32:64].abs().max() > 0.1 and torch.equal(attention.k_bias, torch.zeros(32))
+
+
+def test_eva02_whose_keys_rotate_by_position_is_refused_with_the_reason():
+    model = _timm_beit(rotary=True)
+    names = [name for name, _ in model.named_modules()]
+    with pytest.raises(
+        ValueError, match=r"blocks.0.attn.qkv has no bias for the keys.*rotary embeddings.*EVA-02"
+    ):
+        arc.add_adapters(model)
+    assert [name for name, _ in model.named_modules()] == names  # nothing added
+    hf_like = LayoutModel(_stack("layers", HF_VIT, key_bias=False))
+    hf_like.rotary_emb = RotaryEmbeddingCat()
+    with pytest.raises(ValueError, match=r"layers.0.attention.k_proj has no bias for the keys"):
+        arc.add_adapters(hf_like)
+
+
+def test_torch_fx_traces_an_adapted_torchvision_swin():
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    torch.manual_seed(0)
+    model = randomize_arc(arc.add_adapters(torchvision.models.swin_t(num_classes=5))).eval()
+    images = torch.randn(1, 3, 224, 224)
+    extractor = create_feature_extractor(model, return_nodes={"head": "logits"})
+    with torch.no_grad():  # the traced graph has both adapters: the FFN one by its hook on mlp
+        assert torch.equal(extractor(images)["logits"], model(images))
+
+
+def test_every_classifier_head_trains_and_nothing_else_is_taken_for_one():
+    distilled = arc.add_adapters(DistilledViT(), rank=ARC_RANK)
+    heads = {k for k in arc.arc_state_dict(distilled) if k.startswith("head")}
+    assert heads == {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias"}
+    siglip = arc.add_adapters(
+        LayoutModel(_stack("encoder.layers", HF_CLIP), heads=(), pool="head"), rank=ARC_RANK
+    )
+    assert isinstance(siglip.head, AttentionPool)  # named head, but the backbone's pooling
+    with pytest.raises(ValueError, match="LayoutModel has no classifier head.*head=None to train"):
+        arc.mark_trainable(siglip)
+    assert arc.mark_trainable(siglip, head=None) == 2 * (32 * ARC_RANK + 3 * (ARC_RANK + 32))
+    torchvision_vit = torchvision.models.VisionTransformer(
+        32, 8, 3, 2, 32, 64, representation_size=16
+    )
+    assert [k for k in arc.arc_state_dict(torchvision_vit)] == [
+        "heads.head.weight",
+        "heads.head.bias",
+    ]
+    assert arc.mark_trainable(TimmStyleSwin(), head="head.fc") == 64 * 5 + 5
+
+
+def test_targets_naming_nothing_or_an_unknown_position_are_errors():
+    model = HFStyleViT()
+    misspelt = ["attention.q_proj", "attention.k_proj", "attention.v_prj"]
+    with pytest.raises(ValueError, match=r"targets\['att'\] = 'attention.v_prj' names no module"):
+        arc.add_adapters(model, targets={"att": misspelt, "ffn": "mlp.fc1"})
+    with pytest.raises(ValueError, match=r"targets\['att'\] = 'attention.q_prj' names no module"):
+        arc.add_adapters(model, targets={"att": "attention.{q,k,v}_prj", "ffn": "mlp.fc1"})
+    with pytest.raises(ValueError, match=r"adapts the positions \['att', 'ffn'\]: targets has"):
+        arc.add_adapters(model, targets={"att": "attention.q_proj", "mlp": "mlp.fc1"})
+    with pytest.raises(ValueError, match=r"'arc_att' adapts the positions \['att'\]"):
+        arc.add_adapters(
+            model, method="arc_att", targets={"att": "attention.q_proj", "ffn": "mlp.fc1"}
+        )
+    assert not any(arc.is_arc(m) for m in model.modules())
+
+
+def test_an_unrecognised_model_is_shown_its_own_linear_layers_after_norms():
+    model = LayoutModel(
+        _stack(
+            "trunk",
+            {
+                "norm1": "pre",
+                "q": "mix.a",
+                "k": "mix.b",
+                "v": "mix.c",
+                "proj": "out",
+                "norm2": "post",
+                "fc1": "ff.up",
+                "fc2": "ff.down",
+            },
+        )
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"Its first linear layers after a norm: trunk.\*.mix.a, "
+        r"trunk.\*.ff.up, classifier$",
+    ):
+        arc.add_adapters(model)
+    adapted = arc.add_adapters(
+        model, targets={"att": "trunk.*.mix.{a,b,c}", "ffn": "trunk.*.ff.up"}
+    )
+    assert arc.mark_trainable(adapted) == 2 * (32 * 50 + 3 * (50 + 32)) + 32 * 5 + 5
 
 
 def test_add_adapters_makes_its_tensors_like_the_model_s_and_leaves_the_backbone_s_modes_alone():
