@@ -34,6 +34,7 @@ hooks:
     arc.reparameterize(model)        # the original model again, its qkv and fc1 weights changed
 """
 
+import os
 import re
 
 import torch
@@ -102,10 +103,13 @@ def reparameterize(model):
     keys (it loads strict=True into the model built without ARC); in eval mode its outputs are the
     adapted model's.
 
-    A block holding adapters says what each one feeds in its `adapter_feeds` ({position: names of
-    layers in the block}): vit.py's and swin.py's blocks by their class, others by add_adapters."""
+    A block holding adapters says what each one feeds in its `adapter_feeds` ({adapter's name:
+    names of layers in the block}): vit.py's and swin.py's blocks themselves, others by
+    add_adapters."""
     adapters = [(name, m) for name, m in model.named_modules() if isinstance(m, ARCAdapter)]
-    unfoldable = [name for name, _ in adapters if not all(map(_foldable, _feeds(model, name)))]
+    unfoldable = [
+        name for name, _ in adapters if not all(_foldable(f) for f, _ in _feeds(model, name))
+    ]
     if unfoldable:
         raise ValueError(
             f"{unfoldable[0]} ({len(unfoldable)} adapters) transforms the input of a norm, and "
@@ -113,42 +117,35 @@ def reparameterize(model):
             f"absorb it"
         )
     for name, adapter in adapters:
-        block, position = _block_of(model, name)
-        for layer_name in block.adapter_feeds[position]:
-            layer = block.get_submodule(layer_name)
+        for layer, parent in _feeds(model, name):
             shift = fold(adapter, layer)
-            parent = block.get_submodule(layer_name.rpartition(".")[0])
-            has_bias = _weight_and_bias(layer)[1] is not None
-            if not has_bias and getattr(parent, "q_bias", None) is not None:
-                # timm's BEiT adds q and v biases itself; the keys' share drops out exactly (see
+            if _weight_and_bias(layer)[1] is None and hasattr(parent, "q_bias"):
+                # timm's BEiT adds q and v biases itself; the keys' share is dropped exactly (see
                 # _check_foldable)
                 query, _, value = shift.chunk(3)
                 parent.q_bias += query.to(parent.q_bias.dtype)
                 parent.v_bias += value.to(parent.v_bias.dtype)
-        if "adapter_hooks" in vars(block):  # put there by add_adapters: the block is as it was
-            delattr(block, f"adapter_{position}")
-        else:  # a block that calls its adapters (vit.py, swin.py): the plain model's identity
-            setattr(block, f"adapter_{position}", nn.Identity())
-    for module in model.modules():
-        for handle in vars(module).pop("adapter_hooks", []):
+    for module in list(model.modules()):
+        hooks = vars(module).pop("adapter_hooks", [])  # a block that add_adapters hooked
+        for handle in hooks:
             handle.remove()
-            vars(module).pop("adapter_feeds", None)
         for name, child in list(module.named_children()):
-            if isinstance(child, SharedProjection):
+            if isinstance(child, SharedProjection) or (hooks and isinstance(child, ARCAdapter)):
                 delattr(module, name)
+            elif isinstance(child, ARCAdapter):  # called by its block (vit.py, swin.py)
+                setattr(module, name, nn.Identity())
+        if hooks:
+            del module.adapter_feeds
     return model
 
 
-def _block_of(model, adapter_name):
-    """The block holding the adapter of this name, and the adapter's position ("att" or "ffn")."""
-    block_name, _, attribute = adapter_name.rpartition(".")
-    return model.get_submodule(block_name), attribute.removeprefix("adapter_")
-
-
 def _feeds(model, adapter_name):
-    """The layers that the adapter of this name feeds."""
-    block, position = _block_of(model, adapter_name)
-    return [block.get_submodule(name) for name in block.adapter_feeds[position]]
+    """(layer, its parent) for each layer that the adapter of this name feeds, as its block says in
+    its adapter_feeds."""
+    block_name, _, attribute = adapter_name.rpartition(".")
+    block = model.get_submodule(block_name)
+    names = block.adapter_feeds[attribute]
+    return [(block.get_submodule(n), block.get_submodule(n.rpartition(".")[0])) for n in names]
 
 
 def _foldable(layer):
@@ -283,7 +280,7 @@ def add_adapters(model, rank=50, method="arc", dropout=0.1, targets=None):
         for block, sites in _blocks(model, modules, targets[position], position).items():
             _check_block(modules[block], block, position, sites, rotary)
             by_width.setdefault(_width(block, sites), {})[block] = sites
-        owners = {width: _owner(modules, list(blocks)) for width, blocks in by_width.items()}
+        owners = {width: _owner(modules, blocks) for width, blocks in by_width.items()}
         plan[position] = []
         for width, blocks in by_width.items():
             name = f"down_proj_{position}"
@@ -428,15 +425,15 @@ def _check_block(block, block_name, position, sites, rotary):
     """The block can take an adapter that folds: into an empty slot that feeds what targets names
     (else the fold would go elsewhere), or hooked in front of layers that it can fold into."""
     feeds = sorted(layer_name for _, _, layer_name in sites)
-    if _has_slot(block, position):
-        if feeds != sorted(block.adapter_feeds[position]):
-            raise ValueError(
-                f"{block_name}.adapter_{position} is a slot whose output feeds "
-                f"{', '.join(block.adapter_feeds[position])}, not {', '.join(feeds)}: "
-                f"targets[{position!r}] must name what it feeds (or leave targets out)"
-            )
-    else:
-        _check_free(block, block_name, f"adapter_{position}")
+    slot = f"adapter_{position}"
+    if not _has_slot(block, position):
+        _check_free(block, block_name, slot)
+    elif feeds != sorted(block.adapter_feeds[slot]):
+        raise ValueError(
+            f"{block_name}.{slot} is a slot whose output feeds "
+            f"{', '.join(block.adapter_feeds[slot])}, not {', '.join(feeds)}: targets[{position!r}] "
+            f"must name what it feeds (or leave targets out)"
+        )
     for _, layer, layer_name in sites:
         parent = block.get_submodule(layer_name.rpartition(".")[0])
         _check_foldable(f"{block_name}.{layer_name}", layer, parent, rotary)
@@ -495,11 +492,7 @@ CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)  # their users iterat
 
 def _owner(modules, blocks):
     """The closest module holding every block: their longest common name, less any container."""
-    parts = []
-    for common in zip(*[block.split(".") for block in blocks], strict=False):
-        if len(set(common)) > 1:
-            break
-        parts.append(common[0])
+    parts = os.path.commonprefix([block.split(".") for block in blocks])
     while parts and isinstance(modules[".".join(parts)], CONTAINERS):
         parts.pop()
     return ".".join(parts)
@@ -528,18 +521,18 @@ def _attach(block, position, down_proj, sites, dropout, training):
     hooked onto the modules it feeds, the block then saying what they are in its adapter_feeds."""
     adapter = ARCAdapter(down_proj, dropout, identity_init=position == "att")
     adapter.to(down_proj.weight.device, down_proj.weight.dtype).train(training)
+    slot = f"adapter_{position}"
     if _has_slot(block, position):
-        setattr(block, f"adapter_{position}", adapter)
+        setattr(block, slot, adapter)
         return
-    block.add_module(f"adapter_{position}", adapter)
-    if "adapter_hooks" not in vars(block):
-        block.adapter_feeds = {}
-        block.adapter_hooks = []
-    block.adapter_feeds[position] = [layer_name for _, _, layer_name in sites]
-    hook = AdapterHook(adapter, [layer_name for _, _, layer_name in sites])
+    block.add_module(slot, adapter)
+    feeds = sorted(layer_name for _, _, layer_name in sites)
+    vars(block).setdefault("adapter_feeds", {})[slot] = feeds
+    hooks = vars(block).setdefault("adapter_hooks", [])
+    hook = AdapterHook(adapter, feeds)
     for hooked in dict.fromkeys(hooked for hooked, _, _ in sites):  # each module once
-        block.adapter_hooks.append(hooked.register_forward_pre_hook(hook.adapt, with_kwargs=True))
-    block.adapter_hooks.append(block.register_forward_hook(hook.check, with_kwargs=True))
+        hooks.append(hooked.register_forward_pre_hook(hook.adapt, with_kwargs=True))
+    hooks.append(block.register_forward_hook(hook.check, with_kwargs=True))
 
 
 class AdapterHook:

@@ -1,6 +1,6 @@
 """Swin Transformer (Liu et al., 2021) from scratch, with optional ARC adapters (arc.py), and its
-published weights. Depends on torch, arc.py and vit.py (whose weight-file readers it shares): copy
-the three together.
+published weights. Depends on torch, torchvision (its stochastic depth), arc.py and vit.py (whose
+weight-file readers it shares): copy the three files together.
 
     model = swin_b(num_classes=47, arc="arc")  # or arc="arc_att", or arc=None (plain Swin)
     load_pretrained(model, "auto")  # Microsoft's 22k-to-1k weights, downloaded once
@@ -27,10 +27,12 @@ change.
 """
 
 import re
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.ops import StochasticDepth
 
 from arc import ARCAdapter, SharedProjection
 from vit import load_backbone, published, read_checkpoint
@@ -45,8 +47,8 @@ CONFIGS = {  # name -> width of the first stage, blocks per stage, heads per sta
 # (foldable), or on the residual stream, in front of norm2 and the skip path (the official ARC
 # Swin's, not foldable)
 FEEDS = {
-    "norm2": {"att": ["attn.qkv"], "ffn": ["mlp.fc1"]},
-    "residual": {"att": ["attn.qkv"], "ffn": ["norm2"]},
+    "norm2": {"adapter_att": ["attn.qkv"], "adapter_ffn": ["mlp.fc1"]},
+    "residual": {"adapter_att": ["attn.qkv"], "adapter_ffn": ["norm2"]},
 }
 # Pre-trained on ImageNet-22k, then fine-tuned on ImageNet-1k (Microsoft's model zoo): what the
 # official ARC Swin code's `pretrained=True` loads (its default_cfgs name the 22kto1k file), though
@@ -139,27 +141,6 @@ class WindowAttention(nn.Module):
         return self.proj(x.reshape(B, N, C))
 
 
-class DropPath(nn.Module):
-    """Stochastic depth: in training, drop a residual branch for whole samples with probability p
-    and scale the kept ones by 1 / (1 - p), so the expectation is unchanged; the identity in eval
-    mode."""
-
-    def __init__(self, p=0.0):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if not self.training or self.p == 0:
-            return x
-        keep = x.new_empty((len(x),) + (1,) * (x.dim() - 1)).bernoulli_(
-            1 - self.p
-        )  # one draw per sample
-        return x * keep / (1 - self.p)
-
-    def extra_repr(self):
-        return f"p={self.p}"
-
-
 class Mlp(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
@@ -174,8 +155,8 @@ class Block(nn.Module):
     """x = x + W-MSA(A_att(LN1(x))); x = x + FFN(A_ffn(LN2(x))), the attention over (shifted)
     windows.
 
-    Each adapter is an arc.ARCAdapter on its stage's shared W, or without ARC the identity. The
-    attention adapter acts on the normed tokens before the window partition: it is token-wise, so
+    The adapters are identities until the model puts ARC's there (SwinTransformer). The attention
+    adapter acts on the normed tokens before the window partition: it is token-wise, so
     the order does not matter, and it stays right in front of qkv for folding.
     """
 
@@ -188,9 +169,6 @@ class Block(nn.Module):
         shift,
         drop_path=0.0,
         ffn_adapter="norm2",
-        down_proj_att=None,
-        down_proj_ffn=None,
-        adapter_dropout=0.1,
     ):
         super().__init__()
         self.resolution = resolution
@@ -201,14 +179,11 @@ class Block(nn.Module):
         self.attn = WindowAttention(dim, heads, window)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, 4 * dim)
-        self.drop_path = DropPath(drop_path)  # stochastic depth, one rate for both branches
+        # stochastic depth, one rate for both branches: a whole sample's branch is dropped
+        self.drop_path = StochasticDepth(drop_path, mode="row")
         self.adapter_feeds = FEEDS[ffn_adapter]  # where arc.reparameterize folds the adapters
         self.adapter_att = nn.Identity()
         self.adapter_ffn = nn.Identity()
-        if down_proj_att is not None:  # the attention side starts as the identity
-            self.adapter_att = ARCAdapter(down_proj_att, adapter_dropout, identity_init=True)
-        if down_proj_ffn is not None:
-            self.adapter_ffn = ARCAdapter(down_proj_ffn, adapter_dropout)
         self.register_buffer(
             "attn_mask", shift_mask(resolution, window, shift) if shift else None, persistent=False
         )
@@ -263,30 +238,14 @@ class Stage(nn.Module):
         window,
         downsample,
         drop_paths,
-        arc,
-        rank,
-        adapter_dropout,
         ffn_adapter,
     ):
         super().__init__()
         shift = window // 2
         if resolution <= window:  # Microsoft's rule: one window covers the map, nothing to shift
             window, shift = resolution, 0
-        self.down_proj_att = SharedProjection(dim, rank) if arc else None
-        self.down_proj_ffn = SharedProjection(dim, rank) if arc == "arc" else None
         self.blocks = nn.ModuleList(
-            Block(
-                dim,
-                heads,
-                resolution,
-                window,
-                shift if j % 2 else 0,
-                drop_paths[j],
-                ffn_adapter,
-                self.down_proj_att,
-                self.down_proj_ffn,
-                adapter_dropout,
-            )
+            Block(dim, heads, resolution, window, shift if j % 2 else 0, drop_paths[j], ffn_adapter)
             for j in range(depth)
         )
         self.downsample = PatchMerging(dim, resolution) if downsample else nn.Identity()
@@ -359,9 +318,6 @@ class SwinTransformer(nn.Module):
                 window,
                 s < len(depths) - 1,
                 rates[starts[s] : starts[s] + depth],
-                arc,
-                rank,
-                adapter_dropout,
                 ffn_adapter,
             )
             for s, depth in enumerate(depths)
@@ -372,6 +328,20 @@ class SwinTransformer(nn.Module):
         # whose bounds are absolute, +-2: 100 std, so in effect a normal distribution
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+        # ARC: per stage (the stages differ in width) and position one W, shared by the adapters of
+        # the stage's blocks; the attention side's adapters start as the identity
+        if arc:
+            for s, stage in enumerate(self.layers):
+                stage.down_proj_att = SharedProjection(dim * 2**s, rank)
+                for block in stage.blocks:
+                    block.adapter_att = ARCAdapter(
+                        stage.down_proj_att, adapter_dropout, identity_init=True
+                    )
+        if arc == "arc":
+            for s, stage in enumerate(self.layers):
+                stage.down_proj_ffn = SharedProjection(dim * 2**s, rank)
+                for block in stage.blocks:
+                    block.adapter_ffn = ARCAdapter(stage.down_proj_ffn, adapter_dropout)
 
     def forward(self, images):
         x = self.patch_embed.norm(self.patch_embed.proj(images).flatten(2).transpose(1, 2))
@@ -380,20 +350,10 @@ class SwinTransformer(nn.Module):
         return self.head(self.norm(x).mean(dim=1))
 
 
-def swin_t(**kw):
-    return SwinTransformer(*CONFIGS["swin_t"], **kw)
-
-
-def swin_s(**kw):
-    return SwinTransformer(*CONFIGS["swin_s"], **kw)
-
-
-def swin_b(**kw):
-    return SwinTransformer(*CONFIGS["swin_b"], **kw)
-
-
-def swin_l(**kw):
-    return SwinTransformer(*CONFIGS["swin_l"], **kw)
+swin_t = partial(SwinTransformer, *CONFIGS["swin_t"])
+swin_s = partial(SwinTransformer, *CONFIGS["swin_s"])
+swin_b = partial(SwinTransformer, *CONFIGS["swin_b"])
+swin_l = partial(SwinTransformer, *CONFIGS["swin_l"])
 
 
 def load_pretrained(model, path):

@@ -518,7 +518,7 @@ def _feeds(model, adapter_name):
     """The layers that the adapter of this name feeds, as its block says."""
     block_name, _, attribute = adapter_name.rpartition(".")
     block = model.get_submodule(block_name)
-    return [block.get_submodule(name) for name in block.adapter_feeds[attribute[len("adapter_") :]]]
+    return [block.get_submodule(name) for name in block.adapter_feeds[attribute]]
 
 
 def _arc_on(family, method="arc", dropout=0.1):
@@ -1510,7 +1510,7 @@ def test_swin_drop_path_rates_rise_linearly_over_all_blocks():
 
 
 def test_swin_drop_path_drops_whole_samples_and_rescales_the_others():
-    drop = swin.DropPath(0.25).train()
+    drop = swin_tiny(drop_path=0.25).layers[2].blocks[1].drop_path.train()  # the last: 0.25
     x = torch.rand(4000, 3, 5) + 1  # no zeros of its own
     torch.manual_seed(0)
     y = drop(x)

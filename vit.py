@@ -21,6 +21,7 @@ Notes on loading (a head left out, position embeddings resized) are warnings: th
 import os
 import tempfile
 import warnings
+from functools import partial
 
 import numpy as np
 import torch
@@ -83,12 +84,12 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """x = x + MHA(A_att(LN1(x))); x = x + FFN(A_ffn(LN2(x))). Each adapter is an arc.ARCAdapter on
-    the model's shared W of its position, or without ARC the identity."""
+    """x = x + MHA(A_att(LN1(x))); x = x + FFN(A_ffn(LN2(x))). The adapters are identities until
+    the model puts ARC's there (VisionTransformer)."""
 
-    adapter_feeds = {"att": ["attn.qkv"], "ffn": ["mlp.fc1"]}  # where arc.reparameterize folds them
+    adapter_feeds = {"adapter_att": ["attn.qkv"], "adapter_ffn": ["mlp.fc1"]}  # for the fold
 
-    def __init__(self, dim, heads, mlp_dim, dropout, down_proj_att, down_proj_ffn, adapter_dropout):
+    def __init__(self, dim, heads, mlp_dim, dropout=0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, heads)
@@ -96,10 +97,6 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, mlp_dim, dropout)
         self.adapter_att = nn.Identity()
         self.adapter_ffn = nn.Identity()
-        if down_proj_att is not None:  # the attention side starts as the identity
-            self.adapter_att = ARCAdapter(down_proj_att, adapter_dropout, identity_init=True)
-        if down_proj_ffn is not None:
-            self.adapter_ffn = ARCAdapter(down_proj_ffn, adapter_dropout)
 
     def forward(self, x):
         x = x + self.attn(self.adapter_att(self.norm1(x)))
@@ -137,26 +134,24 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + (img_size // patch_size) ** 2, dim) * 0.02)
         self.pos_drop = nn.Dropout(dropout)
-        # ARC's W, one per position, shared by the adapters of every block
-        self.down_proj_att = SharedProjection(dim, rank) if arc else None
-        self.down_proj_ffn = SharedProjection(dim, rank) if arc == "arc" else None
-        self.blocks = nn.ModuleList(
-            Block(
-                dim,
-                heads,
-                mlp_dim,
-                dropout,
-                self.down_proj_att,
-                self.down_proj_ffn,
-                adapter_dropout,
-            )
-            for _ in range(depth)
-        )
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, num_classes)
         # as the official recipe: the new task starts from zero logits
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        # ARC: per position one W, shared by every block's adapter; the attention side's adapters
+        # start as the identity
+        if arc:
+            self.down_proj_att = SharedProjection(dim, rank)
+            for block in self.blocks:
+                block.adapter_att = ARCAdapter(
+                    self.down_proj_att, adapter_dropout, identity_init=True
+                )
+        if arc == "arc":
+            self.down_proj_ffn = SharedProjection(dim, rank)
+            for block in self.blocks:
+                block.adapter_ffn = ARCAdapter(self.down_proj_ffn, adapter_dropout)
 
     def forward(self, images):
         x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
@@ -168,24 +163,11 @@ class VisionTransformer(nn.Module):
         return self.head(self.norm(x[:, 0]))
 
 
-def vit_t16(**kw):
-    return VisionTransformer(*CONFIGS["vit_t16"], **kw)
-
-
-def vit_s16(**kw):
-    return VisionTransformer(*CONFIGS["vit_s16"], **kw)
-
-
-def vit_b16(**kw):
-    return VisionTransformer(*CONFIGS["vit_b16"], **kw)
-
-
-def vit_l16(**kw):
-    return VisionTransformer(*CONFIGS["vit_l16"], **kw)
-
-
-def vit_h14(**kw):
-    return VisionTransformer(*CONFIGS["vit_h14"], **kw)
+vit_t16 = partial(VisionTransformer, *CONFIGS["vit_t16"])
+vit_s16 = partial(VisionTransformer, *CONFIGS["vit_s16"])
+vit_b16 = partial(VisionTransformer, *CONFIGS["vit_b16"])
+vit_l16 = partial(VisionTransformer, *CONFIGS["vit_l16"])
+vit_h14 = partial(VisionTransformer, *CONFIGS["vit_h14"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -248,50 +230,39 @@ def load_backbone(model, state_dict, source, head="head"):
     adapters = arc_state_dict(model, head=None)
     own = {k: v for k, v in model.state_dict().items() if k not in adapters}
     head_prefix = f"{head}."
-    missing = [k for k in own if k not in state_dict and not k.startswith(head_prefix)]
-    unexpected = [k for k in state_dict if k not in own and not k.startswith(head_prefix)]
+    heads = {k: v for k, v in own.items() if k.startswith(head_prefix)}
+    body = {k: v for k, v in state_dict.items() if not k.startswith(head_prefix)}
+    missing = [k for k in own if k not in body and k not in heads]
+    unexpected = [k for k in body if k not in own]
     wrong = [
-        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state_dict and state_dict[k].shape != v.shape and not k.startswith(head_prefix)
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in body.items()
+        if k in own and v.shape != own[k].shape
     ]
     if missing or unexpected or wrong:
-        problems = [
-            f"{what} {names[:4]}"
-            for what, names in (
-                ("missing", missing),
-                ("unexpected", unexpected),
-                ("shape file vs model", wrong),
-            )
-            if names
-        ]
         raise CheckpointError(
-            f"{source} does not fit {type(model).__name__}: "
-            + "; ".join(problems)
-            + " (is it a checkpoint of this architecture and size?)"
+            f"{source} does not fit {type(model).__name__}: missing {missing[:4]}, unexpected "
+            f"{unexpected[:4]}, shapes file vs model {wrong[:4]} (is it a checkpoint of this "
+            f"architecture and size?)"
         )
-    head_keys = [k for k in own if k.startswith(head_prefix)]
-    if head_keys and not all(
-        k in state_dict and state_dict[k].shape == own[k].shape for k in head_keys
-    ):
-        shapes = [tuple(state_dict[k].shape) for k in head_keys if k in state_dict]
+    if all(k in state_dict and state_dict[k].shape == v.shape for k, v in heads.items()):
+        body.update({k: state_dict[k] for k in heads})
+    else:
+        shapes = [tuple(state_dict[k].shape) for k in heads if k in state_dict]
         warnings.warn(
             f"head not loaded from {source} (file {shapes or 'none'}, model "
-            f"{[tuple(own[k].shape) for k in head_keys]}): it starts from its initialisation",
+            f"{[tuple(v.shape) for v in heads.values()]}): it starts from its initialisation",
             stacklevel=3,
         )
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(head_prefix)}
-    model.load_state_dict(state_dict, strict=False)
+    model.load_state_dict(body, strict=False)
     return model
 
 
 def convert_npz(arrays):
     """Google's .npz names and layouts -> this model's (timm's) state dict, less pre_logits."""
-    prefix = next(
-        (k[: -len("embedding/kernel")] for k in arrays if k.endswith("embedding/kernel")), None
-    )
+    prefix = next((k[:-16] for k in arrays if k.endswith("embedding/kernel")), None)
     if prefix is None:
-        raise KeyError("no 'embedding/kernel' array")
+        raise KeyError("embedding/kernel")
     a = {
         k[len(prefix) :]: torch.from_numpy(np.asarray(v, dtype=np.float32))
         for k, v in arrays.items()
@@ -306,34 +277,24 @@ def convert_npz(arrays):
         "norm.bias": a["Transformer/encoder_norm/bias"],
     }
     if "head/kernel" in a:
-        sd["head.weight"], sd["head.bias"] = a["head/kernel"].T, a["head/bias"]
+        sd["head.weight"] = a["head/kernel"].T
+        sd["head.bias"] = a["head/bias"]
     i = 0
     while f"Transformer/encoderblock_{i}/LayerNorm_0/scale" in a:
-        src, dst = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
+        src = f"Transformer/encoderblock_{i}/"
+        dst = f"blocks.{i}."
         att = src + "MultiHeadDotProductAttention_1/"
-        qkv = [
-            a[f"{att}{n}/kernel"] for n in ("query", "key", "value")
-        ]  # (dim, heads, head_dim) each
-        sd.update(
-            {
-                dst + "norm1.weight": a[src + "LayerNorm_0/scale"],
-                dst + "norm1.bias": a[src + "LayerNorm_0/bias"],
-                dst + "attn.qkv.weight": torch.cat([k.flatten(1).T for k in qkv]),
-                dst + "attn.qkv.bias": torch.cat(
-                    [a[f"{att}{n}/bias"].flatten() for n in ("query", "key", "value")]
-                ),
-                dst + "attn.proj.weight": a[att + "out/kernel"]
-                .flatten(0, 1)
-                .T,  # (heads, head_dim, dim)
-                dst + "attn.proj.bias": a[att + "out/bias"],
-                dst + "norm2.weight": a[src + "LayerNorm_2/scale"],
-                dst + "norm2.bias": a[src + "LayerNorm_2/bias"],
-                dst + "mlp.fc1.weight": a[src + "MlpBlock_3/Dense_0/kernel"].T,
-                dst + "mlp.fc1.bias": a[src + "MlpBlock_3/Dense_0/bias"],
-                dst + "mlp.fc2.weight": a[src + "MlpBlock_3/Dense_1/kernel"].T,
-                dst + "mlp.fc2.bias": a[src + "MlpBlock_3/Dense_1/bias"],
-            }
-        )
+        qkv = ("query", "key", "value")  # kernels (dim, heads, head_dim), biases (heads, head_dim)
+        sd[dst + "attn.qkv.weight"] = torch.cat([a[f"{att}{n}/kernel"].flatten(1).T for n in qkv])
+        sd[dst + "attn.qkv.bias"] = torch.cat([a[f"{att}{n}/bias"].flatten() for n in qkv])
+        sd[dst + "attn.proj.weight"] = a[att + "out/kernel"].flatten(0, 1).T  # (heads, hd, dim)
+        sd[dst + "attn.proj.bias"] = a[att + "out/bias"]
+        for ours, theirs in (("norm1", "LayerNorm_0"), ("norm2", "LayerNorm_2")):
+            sd[f"{dst}{ours}.weight"] = a[f"{src}{theirs}/scale"]
+            sd[f"{dst}{ours}.bias"] = a[f"{src}{theirs}/bias"]
+        for ours, theirs in (("mlp.fc1", "MlpBlock_3/Dense_0"), ("mlp.fc2", "MlpBlock_3/Dense_1")):
+            sd[f"{dst}{ours}.weight"] = a[f"{src}{theirs}/kernel"].T  # Dense kernels are (in, out)
+            sd[f"{dst}{ours}.bias"] = a[f"{src}{theirs}/bias"]
         i += 1
     return sd
 
