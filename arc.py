@@ -224,9 +224,9 @@ def _heads(model, head):
     modules = dict(model.named_modules())
     if head is None:
         return []
+    if head != "auto" and head not in modules:
+        raise ValueError(f"{type(model).__name__} has no module {head!r} to train as its head")
     if head != "auto":
-        if head not in modules:
-            raise ValueError(f"{type(model).__name__} has no module {head!r} to train as its head")
         return [head]
     heads = [name for name in HEADS if isinstance(modules.get(name), nn.Linear)]
     if not heads:
@@ -431,8 +431,8 @@ def _check_block(block, block_name, position, sites, rotary):
     elif feeds != sorted(block.adapter_feeds[slot]):
         raise ValueError(
             f"{block_name}.{slot} is a slot whose output feeds "
-            f"{', '.join(block.adapter_feeds[slot])}, not {', '.join(feeds)}: targets[{position!r}] "
-            f"must name what it feeds (or leave targets out)"
+            f"{', '.join(block.adapter_feeds[slot])}, not {', '.join(feeds)}: "
+            f"targets[{position!r}] must name what it feeds (or leave targets out)"
         )
     for _, layer, layer_name in sites:
         parent = block.get_submodule(layer_name.rpartition(".")[0])
@@ -532,7 +532,7 @@ def _attach(block, position, down_proj, sites, dropout, training):
     hook = AdapterHook(adapter, feeds)
     for hooked in dict.fromkeys(hooked for hooked, _, _ in sites):  # each module once
         hooks.append(hooked.register_forward_pre_hook(hook.adapt, with_kwargs=True))
-    hooks.append(block.register_forward_hook(hook.check, with_kwargs=True))
+    hooks.append(block.register_forward_hook(hook.check))
 
 
 class AdapterHook:
@@ -550,12 +550,8 @@ class AdapterHook:
         and value), become A(tokens). Modules fed the same tensor (q, k and v projections) share one
         computation, hence one dropout mask."""
         tokens = args[0] if args else next(iter(kwargs.values()))
-        # the window check needs a real tensor; torch.fx traces with stand-ins (Proxy)
-        if (
-            isinstance(tokens, torch.Tensor)
-            and tokens.dim() == 4
-            and hasattr(module, "window_size")
-        ):
+        # torchvision's Swin attention; the check needs a real tensor, not torch.fx's stand-in
+        if hasattr(module, "window_size") and isinstance(tokens, torch.Tensor):
             _check_windows(module, tokens)
         if self.pending is None or self.pending[0] is not tokens:
             self.pending = (tokens, self.adapter(tokens))
@@ -564,13 +560,12 @@ class AdapterHook:
         kwargs = {key: adapted if value is tokens else value for key, value in kwargs.items()}
         return args, kwargs
 
-    def check(self, block, args, kwargs, output):
+    def check(self, block, args, output):
         """After the block's forward, whichever module was called first: the adapter must have
         acted. Then the adapted tokens are let go. Not while torch.fx traces the block with
         stand-ins (Proxy): fx runs no hook of the modules it keeps whole (nn.Linear, torchvision's
         MLP), but the traced graph calls those modules, and so their hooks."""
-        tracing = any(isinstance(value, torch.fx.Proxy) for value in [*args, *kwargs.values()])
-        if self.pending is None and not tracing:
+        if self.pending is None and not isinstance(output, torch.fx.Proxy):
             raise RuntimeError(
                 f"ARC's adapter for {', '.join(self.feeds)} was never called in "
                 f"{type(block).__name__}'s forward: those layers were not called, though the block "

@@ -308,7 +308,6 @@ class SwinTransformer(nn.Module):
         rates = torch.linspace(
             0, drop_path, sum(depths), device="cpu"
         ).tolist()  # over all blocks of all stages
-        starts = [sum(depths[:s]) for s in range(len(depths))]
         self.layers = nn.ModuleList(
             Stage(
                 dim * 2**s,
@@ -317,7 +316,7 @@ class SwinTransformer(nn.Module):
                 resolutions[s],
                 window,
                 s < len(depths) - 1,
-                rates[starts[s] : starts[s] + depth],
+                rates[sum(depths[:s]) : sum(depths[: s + 1])],
                 ffn_adapter,
             )
             for s, depth in enumerate(depths)

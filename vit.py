@@ -343,10 +343,9 @@ def load_pretrained(model, path):
     position embeddings when the image size differs from the checkpoint's. "auto": the published
     checkpoint of the model's size (URLS); "augreg": Google's AugReg one (AUGREG_URLS); downloaded
     once."""
-    if path == "auto":
-        path = published(model, CONFIGS, URLS)
-    elif path == "augreg":
-        path = published(model, CONFIGS, AUGREG_URLS)
+    published_urls = {"auto": URLS, "augreg": AUGREG_URLS}
+    if path in published_urls:
+        path = published(model, CONFIGS, published_urls[path])
     sd = read_checkpoint(path)
     pos = sd.get("pos_embed")
     if (
