@@ -65,16 +65,15 @@ class ARCAdapter(nn.Module):
         dim, rank = down_proj.weight.shape
         object.__setattr__(self, "down_proj", down_proj)  # a plain reference, not a submodule
         self.scale = nn.Parameter(torch.zeros(rank))  # c_l
-        self.bias = nn.Parameter(
-            torch.zeros(dim)
-        )  # b_l: zero, so that c_l alone shapes it at first
+        # b_l starts at zero, so that c_l alone shapes the adapter at first
+        self.bias = nn.Parameter(torch.zeros(dim))
         self.dropout = nn.Dropout(dropout)
         if not identity_init:
             # The official FFN side: c_l xavier-uniform, as a (1, r) matrix. W's gradient is
             # proportional to c_l, so with every c_l at zero this side's W could not learn.
             nn.init.xavier_uniform_(self.scale.data.view(1, rank))
 
-    def forward(self, h):
+    def forward(self, h):  # h: (..., d), the normed tokens
         down_proj = self.down_proj.weight  # W: (d, r)
         low_rank = self.dropout((h @ down_proj) * self.scale)  # h W diag(c_l): (..., r)
         return h + low_rank @ down_proj.T + self.bias  # back up through W^T: (..., d)
@@ -550,8 +549,13 @@ class AdapterHook:
         and value), become A(tokens). Modules fed the same tensor (q, k and v projections) share one
         computation, hence one dropout mask."""
         tokens = args[0] if args else next(iter(kwargs.values()))
-        # torchvision's Swin attention; the check needs a real tensor, not torch.fx's stand-in
-        if hasattr(module, "window_size") and isinstance(tokens, torch.Tensor):
+        # torchvision's Swin attention, given a (B, H, W, C) map (timm's is given windows); the
+        # check needs a real tensor, not torch.fx's stand-in
+        if (
+            hasattr(module, "window_size")
+            and isinstance(tokens, torch.Tensor)
+            and tokens.dim() == 4
+        ):
             _check_windows(module, tokens)
         if self.pending is None or self.pending[0] is not tokens:
             self.pending = (tokens, self.adapter(tokens))

@@ -376,6 +376,7 @@ class BeitAttention(vit.Attention):
         self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
         self.v_bias = torch.nn.Parameter(torch.randn(dim) * 0.1)
         self.relative_position_bias = torch.nn.Parameter(torch.randn(heads, tokens, tokens))
+        self.window_size = (4, 4)  # timm's has one, as torchvision's Swin attention: told apart
 
     def forward(self, x):
         B, N, C = x.shape
