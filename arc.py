@@ -1,88 +1,50 @@
-"""ARC: Adapter Re-Composing (Dong et al., NeurIPS 2023, arXiv 2310.06234), on any pre-norm transformer.
-Depends on torch alone: copy this file into your project.
+"""ARC: Adapter Re-Composing (Dong et al., NeurIPS 2023, arXiv 2310.06234), on any pre-norm
+transformer. Depends on torch alone: copy this file into your project.
 
 For a token feature h in R^d (a LayerNorm output), layer l and one adapter position (attention side
 or FFN side), the adapter is
 
     A_l(h) = h + dropout(h W diag(c_l)) W^T + b_l
 
-    W   in R^{d x r}  the down-projection (down_proj in the code), SHARED by every layer at that position;
-                      its transpose W^T is the up-projection, so there is no second matrix (the symmetric design)
-    c_l in R^r        per-layer re-scaling vector (scale): re-composes the shared projection for layer l
-    b_l in R^d        per-layer bias (bias)
+    W   in R^{d x r}  the down-projection (SharedProjection), shared by every layer at one
+                      position; its transpose W^T is the up-projection: there is no second matrix
+    c_l in R^r        the re-scaling vector of layer l (ARCAdapter.scale): it re-composes W
+    b_l in R^d        the bias of layer l (ARCAdapter.bias)
 
-A pre-norm block becomes  x = x + MHA(A_att,l(LN1(x))),  x = x + FFN(A_ffn,l(LN2(x))).  Only W_att, W_ffn,
-every c_l and b_l and the classifier head train: 2 (d r + L (r + d)) parameters (+ head), 0.13M for
-ViT-B/16 with r = 50 and a 47-class head. A Swin, whose stages differ in width, gets a W per width.
+A pre-norm block becomes x = x + MHA(A_att,l(LN1(x))), x = x + FFN(A_ffn,l(LN2(x))). Only W_att,
+W_ffn, every c_l and b_l and the classifier head train: 2 (d r + L (r + d)) parameters (+ head),
+0.13M for a ViT-B/16 with r = 50 and a 47-class head. A Swin, whose stages differ in width, gets a W
+per stage.
 
 A_l is linear, so it folds into the layer it feeds. With M_l = I + W diag(c_l) W^T (symmetric) and a
-following linear map y = a Wt^T + beta:   Wt' = Wt M_l,  beta' = beta + Wt b_l.
-reparameterize(model) does this for every adapter and removes them: zero inference cost.
+following linear map y = a Wt^T + beta, the folded map is Wt' = Wt M_l, beta' = beta + Wt b_l.
+reparameterize(model) does this for every adapter and removes them all: zero inference cost.
 
-On a model you already have (timm and torchvision ViTs and Swins, Hugging Face ViTs, vit.py, swin.py):
+The file reads in the paper's order: the method (SharedProjection, ARCAdapter, fold,
+reparameterize), then what trains and is saved (mark_trainable, arc_state_dict,
+load_arc_state_dict). Models built for ARC, like vit.py and swin.py, call their adapters in their
+blocks' forward. After that comes "ARC on a model you already have": add_adapters puts adapters into
+a timm, torchvision, transformers or open_clip model, whose forward does not call them, with forward
+hooks:
 
-    arc.add_adapters(model)                  # rank 50, both positions, adapter dropout 0.1
-    arc.mark_trainable(model)                # W, every c_l and b_l, and the head; the rest is frozen
+    arc.add_adapters(model)          # rank 50, both positions, adapter dropout 0.1
+    arc.mark_trainable(model)        # W, every c_l and b_l, and the head; the rest is frozen
     ...train...
     torch.save(arc.arc_state_dict(model), "adapters.pth")
-    arc.reparameterize(model)                # the original model again, its qkv and fc1 weights changed
-
-add_adapters recognises the families in LAYOUTS; for any other model name, per position, the linear
-layers that the normed tokens feed: add_adapters(model, targets={"att": "blocks.*.attn.qkv",
-"ffn": "blocks.*.mlp.fc1"}) (see add_adapters).
+    arc.reparameterize(model)        # the original model again, its qkv and fc1 weights changed
 """
 
+import os
 import re
 
 import torch
 import torch.nn as nn
 
-METHODS = {"arc": ("att", "ffn"), "arc_att": ("att",)}  # method -> adapter positions
-HEADS = (
-    "head",
-    "heads",
-    "classifier",
-)  # what timm, vit.py, swin.py; torchvision's ViT; transformers call it
-
-# Where each family's pre-norm blocks send their normed tokens: position -> the modules an adapter feeds.
-# '*' stands for one part of a module's name; a pattern may follow any prefix (transformers' "vit.").
-# "a:b" names a module a whose input the adapter transforms, and its linear layer b that a applies to it
-# with F.linear, so that b's own forward (and a hook on it) never runs.
-LAYOUTS = {
-    "timm SwinTransformer, swin.py": {
-        "att": "layers.*.blocks.*.attn.qkv",
-        "ffn": "layers.*.blocks.*.mlp.fc1",
-    },
-    "timm VisionTransformer (ViT, DeiT, DINOv2, CLIP), vit.py": {
-        "att": "blocks.*.attn.qkv",
-        "ffn": "blocks.*.mlp.fc1",
-    },
-    "torchvision VisionTransformer": {
-        "att": "encoder.layers.*.self_attention",
-        "ffn": "encoder.layers.*.mlp.0",
-    },
-    "torchvision SwinTransformer": {"att": "features.*.*.attn:qkv", "ffn": "features.*.*.mlp.0"},
-    "transformers ViT": {
-        "att": [
-            "layers.*.attention.q_proj",
-            "layers.*.attention.k_proj",
-            "layers.*.attention.v_proj",
-        ],
-        "ffn": "layers.*.mlp.fc1",
-    },
-    "transformers ViT 4.x": {
-        "att": [
-            "encoder.layer.*.attention.attention.query",
-            "encoder.layer.*.attention.attention.key",
-            "encoder.layer.*.attention.attention.value",
-        ],
-        "ffn": "encoder.layer.*.intermediate.dense",
-    },
-}
+METHODS = {"arc": ("att", "ffn"), "arc_att": ("att",)}  # method -> its adapter positions
 
 
 class SharedProjection(nn.Module):
-    """W in R^{d x r}, the down-projection shared by all adapters at one position and width."""
+    """W in R^{d x r}: the down-projection shared by all adapters at one position (and width)."""
 
     def __init__(self, dim, rank):
         super().__init__()
@@ -91,282 +53,454 @@ class SharedProjection(nn.Module):
 
 
 class ARCAdapter(nn.Module):
-    """A_l(h) = h + dropout(h W diag(c_l)) W^T + b_l for one layer at one position.
+    """A_l(h) = h + dropout(h W diag(c_l)) W^T + b_l, for one layer at one position.
 
-    `down_proj` is the position's SharedProjection and `feeds` the layers its output goes into (what
-    reparameterize folds it into; None where it cannot be folded). Both are owned elsewhere in the model,
-    so they are referenced here, not registered. `identity_init` starts c_l at zero (the attention side).
+    `down_proj` is the position's SharedProjection, owned by the model and shared by every layer, so
+    an adapter refers to it without registering it: it is saved and trained once. `identity_init`
+    starts c_l at zero, so that the adapter starts as the identity (the official attention side).
     """
 
-    def __init__(self, down_proj, feeds, dropout=0.1, identity_init=False):
+    def __init__(self, down_proj, dropout=0.1, identity_init=False):
         super().__init__()
         dim, rank = down_proj.weight.shape
-        self._down_proj = (down_proj,)  # a tuple hides it from parameters() and state_dict()
-        self.feeds = None if feeds is None else tuple(feeds)
+        object.__setattr__(self, "down_proj", down_proj)  # a plain reference, not a submodule
         self.scale = nn.Parameter(torch.zeros(rank))  # c_l
-        self.bias = nn.Parameter(
-            torch.zeros(dim)
-        )  # b_l: zero, so that only c_l shapes the adapter at first
+        # b_l starts at zero, so that c_l alone shapes the adapter at first
+        self.bias = nn.Parameter(torch.zeros(dim))
         self.dropout = nn.Dropout(dropout)
         if not identity_init:
-            # the official FFN side: c_l xavier-uniform, as a (1, r) matrix. With every c_l at zero the gradient
-            # of W would be zero too (it is proportional to c_l), so this side's W learns from the first step
+            # The official FFN side: c_l xavier-uniform, as a (1, r) matrix. W's gradient is
+            # proportional to c_l, so with every c_l at zero this side's W could not learn.
             nn.init.xavier_uniform_(self.scale.data.view(1, rank))
-        # Attached by forward hooks (add_adapters, on a block without an adapter slot): the layers it feeds by
-        # them, the hooks' handles, the output that the others fed the same tokens are waiting for
-        self._sites, self._handles, self._pending, self._called = [], [], None, False
 
-    @property
-    def down_proj(self):
-        return self._down_proj[0].weight
-
-    def forward(self, h):
-        down_proj = self.down_proj
-        # W is shared by reference: nn.DataParallel's replicas never copy it (h is no tensor while torch.fx traces)
-        if isinstance(h, torch.Tensor) and h.device != down_proj.device:
-            raise RuntimeError(
-                f"ARC's adapter got tokens on {h.device} and its shared W is on {down_proj.device}: "
-                f"a model replicated by nn.DataParallel, or split over devices, is not supported; "
-                f"run one device per process (DistributedDataParallel, torchrun)"
-            )
-        return h + self.dropout((h @ down_proj) * self.scale) @ down_proj.T + self.bias
-
-    def _adapt_input(self, module, args, kwargs):
-        """Forward pre-hook on each module this adapter feeds: its input tensor, wherever it is passed again
-        (nn.MultiheadAttention's key and value), becomes A(input). Modules fed the same tensor (three q, k, v
-        projections) share one computation, hence one dropout mask."""
-        self._called = True
-        tokens = args[0] if args else next(iter(kwargs.values()))
-        if tokens.dim() == 4 and hasattr(module, "window_size"):
-            _check_windows(module, tokens)
-        if self._pending is not None and self._pending[0] is tokens:
-            _, adapted, waiting = self._pending
-            self._pending = (tokens, adapted, waiting - 1) if waiting > 1 else None
-        else:
-            adapted = self(tokens)
-            waiting = len(self._sites) - 1
-            self._pending = (tokens, adapted, waiting) if waiting else None
-        swap = lambda value: adapted if value is tokens else value
-        return tuple(map(swap, args)), {key: swap(value) for key, value in kwargs.items()}
-
-    def _check_called(self, model, args, output):
-        """Forward hook on the whole model: after its first forward, this adapter must have acted."""
-        if not self._called:
-            raise RuntimeError(
-                f"ARC's adapter for {', '.join(self._sites)} was never called in {type(model).__name__}'s forward: "
-                f"those layers were not called, though the model may use their weights with F.linear. Then name the "
-                f"module that receives the tokens and the layer it applies, as 'module:linear', in targets"
-            )
+    def forward(self, h):  # h: (..., d), the normed tokens
+        down_proj = self.down_proj.weight  # W: (d, r)
+        low_rank = self.dropout((h @ down_proj) * self.scale)  # h W diag(c_l): (..., r)
+        return h + low_rank @ down_proj.T + self.bias  # back up through W^T: (..., d)
 
 
-def _check_windows(attention, tokens):
-    """torchvision's Swin attention pads a (B, H, W, C) map that its windows do not divide, after the hook: the
-    padding, zeros before folding, would be the adapter's bias after it. Refused, rather than fold inexactly."""
-    height, width = tokens.shape[1:3]
-    if height % attention.window_size[0] or width % attention.window_size[1]:
+@torch.no_grad()
+def fold(adapter, layer):
+    """Fold `adapter` into the nn.Linear (or nn.MultiheadAttention's q, k, v projection) that it
+    feeds, in place: Wt' = Wt M_l, beta' = beta + Wt b_l. It computes in float64, as
+    Wt + ((Wt W) diag(c_l)) W^T, which never forms the d x d matrix M_l. Returns Wt b_l, which the
+    caller places itself when the layer has no bias (see reparameterize)."""
+    weight, bias = _weight_and_bias(layer)
+    full = weight.double()  # Wt: (out, d)
+    down_proj = adapter.down_proj.weight.double()  # W: (d, r)
+    shift = full @ adapter.bias.double()  # Wt b_l: (out,)
+    weight.copy_(full + ((full @ down_proj) * adapter.scale.double()) @ down_proj.T)
+    if bias is not None:
+        bias.copy_(bias.double() + shift)
+    return shift
+
+
+@torch.no_grad()
+def reparameterize(model):
+    """Fold every ARCAdapter into the layers it feeds, then remove the adapters, their hooks and the
+    shared projections. The model keeps its class, its modules and exactly its original state_dict()
+    keys (it loads strict=True into the model built without ARC); in eval mode its outputs are the
+    adapted model's.
+
+    A block holding adapters says what each one feeds in its `adapter_feeds` ({adapter's name:
+    names of layers in the block}): vit.py's and swin.py's blocks themselves, others by
+    add_adapters."""
+    adapters = [(name, m) for name, m in model.named_modules() if isinstance(m, ARCAdapter)]
+    unfoldable = [
+        name for name, _ in adapters if not all(_foldable(f) for f, _ in _feeds(model, name))
+    ]
+    if unfoldable:
         raise ValueError(
-            f"a {height}x{width} map does not split into {attention.window_size[0]}x"
-            f"{attention.window_size[1]} windows: torchvision's Swin would pad it, and the folded model "
-            f"would differ from the adapted one. Use an image size whose maps the windows divide (224)"
+            f"{unfoldable[0]} ({len(unfoldable)} adapters) transforms the input of a norm, and "
+            f"with it the residual stream (the official ARC Swin's FFN side): no weight can "
+            f"absorb it"
         )
-
-
-def is_arc(module):
-    return isinstance(module, (SharedProjection, ARCAdapter))
-
-
-def add_adapters(model, rank=50, method="arc", dropout=0.1, targets=None):
-    """Insert ARC into `model` in place and return it: per position ("att"; for method "arc" also "ffn")
-    one shared W per width, and per block one adapter (c_l, b_l) in front of the layers it feeds.
-
-    targets: {position: pattern or [patterns]} naming the nn.Linear or nn.MultiheadAttention layers whose
-    input (the normed tokens) the adapter transforms, e.g. "blocks.*.attn.qkv". '*' stands for one part of a
-    name and marks the block: the layers one block sends the same tokens to (q, k and v projections) share
-    one adapter. "a:b" names a module a whose input is transformed and the linear layer a.b that a applies to
-    it with F.linear (torchvision's Swin attention). None: the model's family in LAYOUTS.
-    A block with an nn.Identity named adapter_<position> (vit.py, swin.py) gets the adapter there, for its
-    own forward to call (its dict adapter_feeds says what that slot feeds); other blocks get forward hooks.
-    W is <owner>.down_proj_<position> (the owner: the closest module holding every block of that width;
-    "_<width>" is added when it holds several widths), an adapter <block>.adapter_<position>.
-    """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, not {method!r}")
-    targets = recognise(model) if targets is None else targets
-    if not set(METHODS[method]) <= set(targets):
-        raise ValueError(
-            f"method {method!r} needs targets for {METHODS[method]}, got {sorted(targets)}"
-        )
-    modules = dict(model.named_modules())
-    plan = []  # (position, its W's owner and name, width, a tensor to match, {block: sites}): all checked first
-    for position in METHODS[method]:
-        by_width = {}
-        for block, sites in _blocks(model, modules, targets[position], position).items():
-            _check_block(modules[block], block, position, sites)
-            by_width.setdefault(_width(sites, block), {})[block] = sites
-        owners = {width: _owner(modules, list(blocks)) for width, blocks in by_width.items()}
-        for width, blocks in by_width.items():
-            name = f"down_proj_{position}" + f"_{width}" * (
-                list(owners.values()).count(owners[width]) > 1
-            )
-            _check_free(modules[owners[width]], owners[width], name)
-            # the new tensors go where the layers they feed are, in their dtype
-            like = next(
-                (
-                    p
-                    for sites in blocks.values()
-                    for _, layer, _, _ in sites
-                    for p in layer.parameters()
-                ),
-                next(model.parameters(), torch.empty(0)),
-            )
-            plan.append((position, owners[width], name, width, like, blocks))
-    for position, owner, name, width, like, blocks in plan:
-        down_proj = SharedProjection(width, rank).to(like.device, like.dtype)
-        modules[owner].add_module(name, down_proj)
-        for block, sites in blocks.items():
-            _attach(model, modules[block], position, down_proj, sites, dropout)
+    for name, adapter in adapters:
+        for layer, parent in _feeds(model, name):
+            shift = fold(adapter, layer)
+            if _weight_and_bias(layer)[1] is None and hasattr(parent, "q_bias"):
+                # timm's BEiT adds q and v biases itself; the keys' share is dropped exactly (see
+                # _check_foldable)
+                query, _, value = shift.chunk(3)
+                parent.q_bias += query.to(parent.q_bias.dtype)
+                parent.v_bias += value.to(parent.v_bias.dtype)
+    for module in list(model.modules()):
+        hooks = vars(module).pop("adapter_hooks", [])  # a block that add_adapters hooked
+        for handle in hooks:
+            handle.remove()
+        for name, child in list(module.named_children()):
+            if isinstance(child, SharedProjection) or (hooks and isinstance(child, ARCAdapter)):
+                delattr(module, name)
+            elif isinstance(child, ARCAdapter):  # called by its block (vit.py, swin.py)
+                setattr(module, name, nn.Identity())
+        if hooks:
+            del module.adapter_feeds
     return model
 
 
-def recognise(model):
-    """The targets of the first family in LAYOUTS whose every pattern names a module of `model`."""
-    names = [name for name, _ in model.named_modules()]
-    for layout in LAYOUTS.values():
-        patterns = [
-            _regex(p.partition(":")[0]) for listed in layout.values() for p in _listed(listed)
-        ]
-        if all(any(regex.fullmatch(name) for name in names) for regex in patterns):
-            return layout
-    raise ValueError(
-        f"add_adapters does not recognise {type(model).__name__}: looked for the module names of "
-        f"{'; '.join(LAYOUTS)}. Name the layers its normed tokens feed, for example add_adapters(model, "
-        f"targets={{'att': 'blocks.*.attn.qkv', 'ffn': 'blocks.*.mlp.fc1'}})"
-    )
+def _feeds(model, adapter_name):
+    """(layer, its parent) for each layer that the adapter of this name feeds, as its block says in
+    its adapter_feeds."""
+    block_name, _, attribute = adapter_name.rpartition(".")
+    block = model.get_submodule(block_name)
+    names = block.adapter_feeds[attribute]
+    return [(block.get_submodule(n), block.get_submodule(n.rpartition(".")[0])) for n in names]
 
 
-def _listed(patterns):
-    return [patterns] if isinstance(patterns, str) else list(patterns)
-
-
-def _regex(pattern):
-    """A module-name pattern as a regex over full names: any prefix, then the parts, '*' being any one part."""
-    return re.compile(
-        r"(?:.*\.)?"
-        + r"\.".join(r"[^.]+" if part == "*" else re.escape(part) for part in pattern.split("."))
-    )
-
-
-def _blocks(model, modules, patterns, position):
-    """{block name: [(the module whose input the adapter transforms, the layer it folds into, that layer's
-    name, its parent)]} for one position. A block is a match cut after its last '*' (without '*': the
-    layer's parent)."""
-    blocks = {}
-    for pattern in _listed(patterns):
-        hooked_pattern, _, linear = pattern.partition(":")
-        parts = hooked_pattern.split(".")
-        last_star = max((i for i, part in enumerate(parts) if part == "*"), default=len(parts) - 2)
-        regex = _regex(hooked_pattern)
-        for name, module in modules.items():
-            if name and regex.fullmatch(name):
-                name_parts = name.split(".")
-                block = ".".join(name_parts[: len(name_parts) - len(parts) + last_star + 1])
-                layer = module.get_submodule(linear) if linear else module
-                parent = module if linear else modules[name.rpartition(".")[0]]
-                blocks.setdefault(block, []).append(
-                    (module, layer, f"{name}.{linear}" if linear else name, parent)
-                )
-    if not blocks:
-        raise ValueError(
-            f"targets[{position!r}] = {patterns!r} names no module of {type(model).__name__}"
-        )
-    return blocks
+def _foldable(layer):
+    return isinstance(layer, (nn.Linear, nn.MultiheadAttention))
 
 
 def _weight_and_bias(layer):
-    """The (out x d) weight and the bias of what a linear layer computes: of q, k and v together for an
+    """The (out, d) weight and the bias that a linear layer applies: q, k and v together for an
     nn.MultiheadAttention."""
     if isinstance(layer, nn.MultiheadAttention):
         return layer.in_proj_weight, layer.in_proj_bias
     return layer.weight, layer.bias
 
 
-def _check_foldable(name, layer, parent):
-    if not isinstance(layer, (nn.Linear, nn.MultiheadAttention)):
+def is_arc(module):
+    return isinstance(module, (SharedProjection, ARCAdapter))
+
+
+# The classifier heads that head="auto" trains: those of these names that are an nn.Linear. timm,
+# vit.py, swin.py and torchvision's Swin: head (a distilled DeiT adds head_dist, half its logits);
+# timm's Swin: head.fc; torchvision's ViT: heads.head; transformers: classifier, or for a DeiT with
+# teacher cls_classifier and distillation_classifier. A pooling module of the backbone that bears
+# one of these names (SigLIP's attention-pooling head) is no nn.Linear, so it stays frozen.
+HEADS = (
+    "head",
+    "head_dist",
+    "head.fc",
+    "heads.head",
+    "classifier",
+    "cls_classifier",
+    "distillation_classifier",
+)
+
+
+def mark_trainable(model, head="auto"):
+    """Freeze everything but the ARC tensors and the classifier head; return the number of trainable
+    parameters. head: "auto" (see HEADS), the name of the head module, or None for no head."""
+    trainable = arc_state_dict(model, head).keys()
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trainable)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def arc_state_dict(model, head="auto"):
+    """The tensors ARC trains: every adapter and shared W, and the classifier head (see
+    mark_trainable)."""
+    prefixes = [f"{name}." for name, module in model.named_modules() if is_arc(module)]
+    prefixes += [f"{name}." for name in _heads(model, head)]
+    state = model.state_dict()
+    return {k: v.detach().clone() for k, v in state.items() if k.startswith(tuple(prefixes))}
+
+
+def load_arc_state_dict(model, state_dict, head="auto"):
+    """Load an arc_state_dict() into `model` (its frozen weights already loaded); the names and
+    shapes must match exactly."""
+    expected = arc_state_dict(model, head)
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    wrong = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"adapter checkpoint does not fit this model: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}, shapes (file vs model) {wrong[:3]} (saved from another model, "
+            f"method or rank?)"
+        )
+    model.load_state_dict(state_dict, strict=False)
+    return model
+
+
+def _heads(model, head):
+    """The names of the head modules to train, for mark_trainable's `head`."""
+    modules = dict(model.named_modules())
+    if head is None:
+        return []
+    if head != "auto" and head not in modules:
+        raise ValueError(f"{type(model).__name__} has no module {head!r} to train as its head")
+    if head != "auto":
+        return [head]
+    heads = [name for name in HEADS if isinstance(modules.get(name), nn.Linear)]
+    if not heads:
+        raise ValueError(
+            f"{type(model).__name__} has no classifier head (an nn.Linear named "
+            f"{', '.join(HEADS)}): pass head=<the name of its head>, or head=None to train the "
+            f"adapters alone"
+        )
+    return heads
+
+
+# --------------------------------------------------------------------------------------------------
+# ARC on a model you already have: add_adapters, the families it recognises, and the hooks that make
+# a block's adapter act although the block's forward does not call it.
+
+
+def add_adapters(model, rank=50, method="arc", dropout=0.1, targets=None):
+    """Insert ARC into `model` in place and return it: per position ("att"; for method "arc" also
+    "ffn") one shared W per width, and per block one adapter (c_l, b_l) in front of the layers it
+    feeds.
+
+    targets: {position: pattern or [patterns]} naming the nn.Linear or nn.MultiheadAttention layers
+    whose input (the normed tokens) the adapter transforms, e.g. "blocks.*.attn.qkv". A pattern may
+    follow any prefix; '*' stands for one part of a name and marks the block: the layers that one
+    block sends the same tokens to (its q, k and v projections) share one adapter. "{q,k,v}_proj"
+    stands for three names. "a:b" names a module a whose input is transformed, and the linear layer
+    a.b that a applies to all of it: by F.linear on its weight (timm's BEiT, torchvision's Swin), or
+    by calling it, where hooking a rather than b also lets torch.fx trace the adapter (fx does not
+    enter an nn.Linear, nor run its hooks). None: the targets of the model's family in FAMILIES.
+
+    W becomes <owner>.down_proj_<position>, the owner being the closest module that holds every
+    block of that width ("_<width>" is added when it holds several widths); an adapter becomes
+    <block>.adapter_<position>. A block with an nn.Identity there, which its forward calls (vit.py,
+    swin.py), gets the adapter in its place; other blocks get forward hooks.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, not {method!r}")
+    positions = METHODS[method]
+    if targets is None:
+        targets = recognise(model)
+    elif set(targets) != set(positions):
+        raise ValueError(
+            f"method {method!r} adapts the positions {list(positions)}: targets has "
+            f"{sorted(targets)}"
+        )
+    modules = dict(model.named_modules())
+    rotary = any("Rotary" in type(module).__name__ for module in modules.values())
+    plan = {}  # position -> [(where W goes, {block: sites})]: all checked before anything changes
+    for position in positions:
+        by_width = {}
+        for block, sites in _blocks(model, modules, targets[position], position).items():
+            _check_block(modules[block], block, position, sites, rotary)
+            by_width.setdefault(_width(block, sites), {})[block] = sites
+        owners = {width: _owner(modules, blocks) for width, blocks in by_width.items()}
+        plan[position] = []
+        for width, blocks in by_width.items():
+            name = f"down_proj_{position}"
+            if list(owners.values()).count(owners[width]) > 1:
+                name += f"_{width}"
+            _check_free(modules[owners[width]], owners[width], name)
+            plan[position].append((f"{owners[width]}.{name}".lstrip("."), blocks))
+    for position, groups in plan.items():
+        for where, blocks in groups:
+            # the new tensors go where the layers they feed are, in their dtype
+            like = _weight_and_bias(next(iter(blocks.values()))[0][1])[0]
+            down_proj = SharedProjection(like.shape[-1], rank).to(like.device, like.dtype)
+            owner, _, name = where.rpartition(".")
+            setattr(modules[owner], name, down_proj)
+            for block, sites in blocks.items():
+                _attach(modules[block], position, down_proj, sites, dropout, model.training)
+    return model
+
+
+# Where each family's pre-norm blocks send their normed tokens: position -> the modules that an
+# adapter feeds (see add_adapters for the patterns). The first family whose every pattern names a
+# module of the model is the model's. Module names read off timm 1.0.31, torchvision 0.29,
+# transformers 5.25 and open_clip 3.3.
+FAMILIES = {
+    "timm ViT, DeiT, DINOv2, BEiT, EVA, Swin; vit.py, swin.py": {
+        "att": "blocks.*.attn:qkv",
+        "ffn": "blocks.*.mlp:fc1",
+    },
+    "torchvision ViT": {"att": "encoder.layers.*.self_attention", "ffn": "encoder.layers.*.mlp:0"},
+    "torchvision Swin": {"att": "features.*.*.attn:qkv", "ffn": "features.*.*.mlp:0"},
+    "transformers ViT, DeiT, BEiT, ViTMAE": {
+        "att": "layers.*.attention.{q,k,v}_proj",
+        "ffn": "layers.*.mlp.fc1",
+    },
+    "transformers Dinov2": {
+        "att": "encoder.layer.*.attention.{q,k,v}_proj",
+        "ffn": "encoder.layer.*.mlp.fc1",
+    },
+    "transformers Swin": {
+        "att": "encoder.layers.*.blocks.*.attention.{q,k,v}_proj",
+        "ffn": "encoder.layers.*.blocks.*.mlp.fc1",
+    },
+    "transformers CLIPModel, SiglipModel (the vision tower)": {
+        "att": "vision_model.encoder.layers.*.self_attn.{q,k,v}_proj",
+        "ffn": "vision_model.encoder.layers.*.mlp.fc1",
+    },
+    "transformers CLIPVisionModel, SiglipVisionModel": {
+        "att": "encoder.layers.*.self_attn.{q,k,v}_proj",
+        "ffn": "encoder.layers.*.mlp.fc1",
+    },
+    "transformers 4.x ViT, Data2VecVision": {
+        "att": "encoder.layer.*.attention.attention.{query,key,value}",
+        "ffn": "encoder.layer.*.intermediate.dense",
+    },
+    "open_clip CLIP (the visual tower)": {
+        "att": "visual.transformer.resblocks.*.attn",
+        "ffn": "visual.transformer.resblocks.*.mlp.c_fc",
+    },
+    "open_clip VisionTransformer": {
+        "att": "transformer.resblocks.*.attn",
+        "ffn": "transformer.resblocks.*.mlp.c_fc",
+    },
+}
+
+
+def recognise(model):
+    """The targets of the first family in FAMILIES whose every pattern names a module of `model`."""
+    names = [name for name, _ in model.named_modules()]
+    for targets in FAMILIES.values():
+        patterns = [p for listed in targets.values() for p in _expand(listed)]
+        regexes = [_regex(pattern.partition(":")[0]) for pattern in patterns]
+        if all(any(regex.fullmatch(name) for name in names) for regex in regexes):
+            return targets
+    raise ValueError(
+        f"add_adapters does not recognise {type(model).__name__} (see arc.FAMILIES): name the "
+        f"layers that its normed tokens feed, as in add_adapters(model, targets={{'att': ..., "
+        f"'ffn': ...}}). Its first linear layers after a norm: "
+        f"{', '.join(_after_norms(model)) or 'none'}"
+    )
+
+
+def _after_norms(model):
+    """The names, with '*' for numbers, of the first linear layer after each norm, in the order in
+    which the model registers its modules: a suggestion for targets."""
+    names = []
+    after_norm = False
+    for name, module in model.named_modules():
+        if "Norm" in type(module).__name__:
+            after_norm = True
+        elif after_norm and _foldable(module):
+            pattern = re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
+            if pattern not in names:
+                names.append(pattern)
+            after_norm = False
+    return names[:4]
+
+
+def _expand(patterns):
+    """A pattern or list of patterns as a list, each "{a,b}" written out: "x.{q,k}" -> x.q, x.k."""
+    expanded = []
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        start, brace, rest = pattern.partition("{")
+        options, _, end = rest.partition("}")
+        expanded += [start + option + end for option in options.split(",")] if brace else [pattern]
+    return expanded
+
+
+def _regex(pattern):
+    """A module-name pattern as a regex over full names: any prefix, then the parts, '*' being any
+    one part."""
+    parts = [r"[^.]+" if part == "*" else re.escape(part) for part in pattern.split(".")]
+    return re.compile(r"(?:.*\.)?" + r"\.".join(parts))
+
+
+def _blocks(model, modules, patterns, position):
+    """{block name: [(the module whose input the adapter transforms, the layer it folds into, that
+    layer's name in the block)]} for one position. A block is a match cut after its last '*'
+    (without '*': the matched module's parent). Every pattern must match."""
+    blocks = {}
+    for pattern in _expand(patterns):
+        hooked_pattern, _, linear = pattern.partition(":")
+        parts = hooked_pattern.split(".")
+        stars = [i for i, part in enumerate(parts) if part == "*"]
+        inside = len(parts) - 1 - stars[-1] if stars else 1  # how many parts lie inside a block
+        regex = _regex(hooked_pattern)
+        matches = [name for name in modules if name and regex.fullmatch(name)]
+        if not matches:
+            raise ValueError(
+                f"targets[{position!r}] = {pattern!r} names no module of {type(model).__name__}"
+            )
+        for name in matches:
+            name_parts = name.split(".")
+            block = ".".join(name_parts[: len(name_parts) - inside])
+            layer = ".".join(name_parts[len(name_parts) - inside :] + [linear]).strip(".")
+            hooked = modules[name]
+            layer_module = hooked.get_submodule(linear) if linear else hooked
+            blocks.setdefault(block, []).append((hooked, layer_module, layer))
+    return blocks
+
+
+def _check_block(block, block_name, position, sites, rotary):
+    """The block can take an adapter that folds: into an empty slot that feeds what targets names
+    (else the fold would go elsewhere), or hooked in front of layers that it can fold into."""
+    feeds = sorted(layer_name for _, _, layer_name in sites)
+    slot = f"adapter_{position}"
+    if not _has_slot(block, position):
+        _check_free(block, block_name, slot)
+    elif feeds != sorted(block.adapter_feeds[slot]):
+        raise ValueError(
+            f"{block_name}.{slot} is a slot whose output feeds "
+            f"{', '.join(block.adapter_feeds[slot])}, not {', '.join(feeds)}: "
+            f"targets[{position!r}] must name what it feeds (or leave targets out)"
+        )
+    for _, layer, layer_name in sites:
+        parent = block.get_submodule(layer_name.rpartition(".")[0])
+        _check_foldable(f"{block_name}.{layer_name}", layer, parent, rotary)
+
+
+def _check_foldable(name, layer, parent, rotary):
+    if not _foldable(layer):
         raise ValueError(
             f"{name} is a {type(layer).__name__}: ARC adapters feed, and fold into, nn.Linear or "
             f"nn.MultiheadAttention layers; name those in targets"
         )
     if getattr(parent, "logit_scale", None) is not None:
         raise ValueError(
-            f"{name}: its attention is cosine attention with a learned logit scale (a Swin V2's), which "
-            f"normalises q and k (and in torchvision zeroes k's bias): ARC's bias would not fold. Not "
-            f"supported"
+            f"{name}: its attention is cosine attention with a learned logit scale (a Swin V2's), "
+            f"which normalises q and k (and in torchvision zeroes k's bias): ARC's bias would not "
+            f"fold. Not supported"
         )
     weight, bias = _weight_and_bias(layer)
     if weight is None:
         raise ValueError(
             f"{name} keeps q, k and v in separate weights (kdim or vdim set): not supported"
         )
-    if bias is None:
-        why = (
-            " (its parent adds q and v biases itself, in F.linear, as timm's EVA and BEiT do: they are not "
-            "supported)"
-            if getattr(parent, "q_bias", None) is not None
-            else ""
-        )
+    if bias is not None:
+        return
+    # A vector added to every key adds the same number to all of one query's attention logits, which
+    # the softmax ignores: a key projection needs no bias to fold into. Nor does a q, k, v
+    # projection whose module adds q and v biases itself (timm's BEiT), the keys' share being
+    # dropped.
+    if not (name.endswith(("key", "k_proj")) or getattr(parent, "q_bias", None) is not None):
         raise ValueError(
-            f"{name} has no bias, so ARC's b_l could only be folded into it by adding a tensor the "
-            f"model does not have{why}"
+            f"{name} has no bias, so ARC's b_l could only be folded into it by adding a tensor "
+            f"the model does not have"
+        )
+    if rotary:
+        raise ValueError(
+            f"{name} has no bias for the keys, and the model rotates its keys by their position "
+            f"(rotary embeddings, as timm's EVA-02): a vector added to every key would no longer "
+            f"add the same to all of a query's logits, so ARC's bias cannot be dropped there. Not "
+            f"supported"
         )
 
 
-def _width(sites, block):
+def _width(block_name, sites):
     """The width d of the tokens that one block's adapter transforms."""
-    widths = set()
-    for _, layer, name, _ in sites:
-        if isinstance(layer, (nn.Linear, nn.MultiheadAttention, nn.LayerNorm)):
-            widths.add(
-                layer.in_features
-                if isinstance(layer, nn.Linear)
-                else layer.embed_dim
-                if isinstance(layer, nn.MultiheadAttention)
-                else layer.normalized_shape[-1]
-            )
-        else:
-            raise ValueError(
-                f"{name} is a {type(layer).__name__}: an adapter feeds a linear layer or a norm"
-            )
+    widths = {_weight_and_bias(layer)[0].shape[-1] for _, layer, _ in sites}
     if len(widths) != 1:
         raise ValueError(
-            f"the layers of {block} that one adapter feeds take different widths {sorted(widths)}"
+            f"the layers of {block_name} that one adapter feeds take different widths "
+            f"{sorted(widths)}"
         )
     return widths.pop()
 
 
-CONTAINERS = (
-    nn.ModuleList,
-    nn.Sequential,
-    nn.ModuleDict,
-)  # their forward, or their users, iterate every child
+CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)  # their users iterate every child
 
 
 def _owner(modules, blocks):
     """The closest module holding every block: their longest common name, less any container."""
-    split = [block.split(".") for block in blocks]
-    parts = split[0][
-        : next(
-            (i for i, part in enumerate(zip(*split)) if len(set(part)) > 1), min(map(len, split))
-        )
-    ]
+    parts = os.path.commonprefix([block.split(".") for block in blocks])
     while parts and isinstance(modules[".".join(parts)], CONTAINERS):
-        parts = parts[:-1]
+        parts.pop()
     return ".".join(parts)
 
 
 def _check_free(holder, holder_name, name):
     """`holder` can take a new child `name`: not a container, and the name unused."""
-    where = f"{holder_name}.{name}" if holder_name else name
-    if hasattr(holder, name):
+    where = f"{holder_name}.{name}".lstrip(".")
+    if getattr(holder, name, None) is not None:
         raise ValueError(
             f"cannot add {where}: it exists already (does the model have ARC adapters?)"
         )
@@ -377,146 +511,83 @@ def _check_free(holder, holder_name, name):
 
 
 def _has_slot(block, position):
-    """Whether `block`'s forward calls an adapter_<position> that is still empty (vit.py, swin.py)."""
+    """Whether `block`'s forward calls an empty adapter_<position> (vit.py's, swin.py's blocks)."""
     return isinstance(getattr(block, f"adapter_{position}", None), nn.Identity)
 
 
-def _check_block(block, block_name, position, sites):
-    """The block takes an adapter: into an empty slot, whose output goes where the block's forward sends it
-    (its `adapter_feeds`, when it says, must be what targets names: else the fold would go elsewhere), or
-    hooked onto layers that it can be folded into."""
+def _attach(block, position, down_proj, sites, dropout, training):
+    """One adapter for `block`, in the model's mode (its dropout off in eval): into its slot, or
+    hooked onto the modules it feeds, the block then saying what they are in its adapter_feeds."""
+    adapter = ARCAdapter(down_proj, dropout, identity_init=position == "att")
+    adapter.to(down_proj.weight.device, down_proj.weight.dtype).train(training)
+    slot = f"adapter_{position}"
     if _has_slot(block, position):
-        feeds = _listed(getattr(block, "adapter_feeds", {}).get(position, []))
-        named = [name[len(block_name) + 1 :] for _, _, name, _ in sites]
-        if feeds and sorted(named) != sorted(feeds):
-            raise ValueError(
-                f"{block_name}.adapter_{position} is a slot whose output feeds {', '.join(feeds)}, not "
-                f"{', '.join(named)}: targets[{position!r}] must name what it feeds (or leave targets out)"
-            )
+        setattr(block, slot, adapter)
         return
-    _check_free(block, block_name, f"adapter_{position}")
-    for _, layer, name, parent in sites:
-        _check_foldable(name, layer, parent)
+    block.add_module(slot, adapter)
+    feeds = sorted(layer_name for _, _, layer_name in sites)
+    vars(block).setdefault("adapter_feeds", {})[slot] = feeds
+    hooks = vars(block).setdefault("adapter_hooks", [])
+    hook = AdapterHook(adapter, feeds)
+    for hooked in dict.fromkeys(hooked for hooked, _, _ in sites):  # each module once
+        hooks.append(hooked.register_forward_pre_hook(hook.adapt, with_kwargs=True))
+    hooks.append(block.register_forward_hook(hook.check))
 
 
-def _attach(model, block, position, down_proj, sites, dropout):
-    """One adapter for `block`: into its adapter_<position> slot, or hooked onto the modules it feeds. It takes
-    W's device and dtype, and the model's mode (its dropout off in eval)."""
-    layers = [layer for _, layer, _, _ in sites]
-    slot = _has_slot(block, position)
-    # in a slot, the block's forward calls it; it may feed a norm there (swin.py's residual option): not foldable
-    foldable = not slot or all(
-        isinstance(layer, (nn.Linear, nn.MultiheadAttention)) for layer in layers
-    )
-    adapter = ARCAdapter(
-        down_proj, layers if foldable else None, dropout, identity_init=position == "att"
-    )
-    adapter.to(down_proj.weight.device, down_proj.weight.dtype).train(model.training)
-    if slot:
-        setattr(block, f"adapter_{position}", adapter)
-        return
-    block.add_module(f"adapter_{position}", adapter)
-    adapter._sites = [layer_name for _, _, layer_name, _ in sites]
-    adapter._handles = [
-        hooked.register_forward_pre_hook(adapter._adapt_input, with_kwargs=True)
-        for hooked, _, _, _ in sites
-    ] + [model.register_forward_hook(adapter._check_called)]
+class AdapterHook:
+    """Makes `adapter` act in a block whose forward does not call it: `adapt` is a forward
+    pre-hook on each module that the block sends its normed tokens to, `check` a forward hook on
+    the block."""
 
+    def __init__(self, adapter, feeds):
+        self.adapter = adapter
+        self.feeds = feeds  # the names of the layers it feeds, for the error
+        self.pending = None  # (tokens, adapter(tokens)) while the block's forward runs
 
-@torch.no_grad()
-def fold(adapter, layer):
-    """Fold `adapter` into the nn.Linear (or nn.MultiheadAttention's q, k, v projection) it feeds, in place:
-    Wt' = Wt M_l, beta' = beta + Wt b_l, computed in float64 as Wt + ((Wt W) diag(c_l)) W^T, which never
-    forms the d x d matrix M_l."""
-    weight, bias = _weight_and_bias(layer)
-    full, down_proj = weight.double(), adapter.down_proj.double()
-    bias.copy_(bias.double() + full @ adapter.bias.double())
-    weight.copy_(full + ((full @ down_proj) * adapter.scale.double()) @ down_proj.T)
+    def adapt(self, module, args, kwargs):
+        """The tokens, wherever the module is given them again (nn.MultiheadAttention's query, key
+        and value), become A(tokens). Modules fed the same tensor (q, k and v projections) share one
+        computation, hence one dropout mask."""
+        tokens = args[0] if args else next(iter(kwargs.values()))
+        # torchvision's Swin attention, given a (B, H, W, C) map (timm's is given windows); the
+        # check needs a real tensor, not torch.fx's stand-in
+        if (
+            hasattr(module, "window_size")
+            and isinstance(tokens, torch.Tensor)
+            and tokens.dim() == 4
+        ):
+            _check_windows(module, tokens)
+        if self.pending is None or self.pending[0] is not tokens:
+            self.pending = (tokens, self.adapter(tokens))
+        adapted = self.pending[1]
+        args = tuple(adapted if value is tokens else value for value in args)
+        kwargs = {key: adapted if value is tokens else value for key, value in kwargs.items()}
+        return args, kwargs
 
-
-@torch.no_grad()
-def reparameterize(model):
-    """Fold every ARCAdapter into the layers it feeds, then remove adapters, hooks and shared projections.
-
-    The model keeps its class, its modules and exactly its original state_dict() keys (it loads strict=True
-    into the model built without ARC), and in eval mode its outputs are the adapted model's."""
-    adapters = [
-        (name, module) for name, module in model.named_modules() if isinstance(module, ARCAdapter)
-    ]
-    unfoldable = [name for name, adapter in adapters if adapter.feeds is None]
-    if unfoldable:
-        raise ValueError(
-            f"{unfoldable[0]} ({len(unfoldable)} adapters) transforms the input of a norm, and with it "
-            f"the residual stream (the official ARC Swin's FFN side): no weight can absorb it"
-        )
-    for name, adapter in adapters:
-        for layer in adapter.feeds:
-            fold(adapter, layer)
-        for handle in adapter._handles:
-            handle.remove()
-        parent, _, attribute = name.rpartition(".")
-        if adapter._handles:
-            delattr(model.get_submodule(parent), attribute)
-        else:  # a slot the block's forward calls
-            setattr(model.get_submodule(parent), attribute, nn.Identity())
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, SharedProjection):
-                delattr(parent, name)
-    return model
-
-
-def _head(model, head):
-    """The name of the classifier head to train: `head`, or for "auto" the first of HEADS the model has."""
-    names = {name for name, _ in model.named_modules()}
-    if head == "auto":
-        head = next((name for name in HEADS if name in names), None)
-        if head is None:
-            raise ValueError(
-                f"{type(model).__name__} has no module named {', '.join(HEADS)}: pass head=<the name of "
-                f"its classifier head>, or head=None to train the adapters alone"
+    def check(self, block, args, output):
+        """After the block's forward, whichever module was called first: the adapter must have
+        acted. Then the adapted tokens are let go. Not while torch.fx traces the block with
+        stand-ins (Proxy): fx runs no hook of the modules it keeps whole (nn.Linear, torchvision's
+        MLP), but the traced graph calls those modules, and so their hooks."""
+        if self.pending is None and not isinstance(output, torch.fx.Proxy):
+            raise RuntimeError(
+                f"ARC's adapter for {', '.join(self.feeds)} was never called in "
+                f"{type(block).__name__}'s forward: those layers were not called, though the block "
+                f"may use their weights with F.linear. Then name the module that receives the "
+                f"tokens and the layer it applies, as 'module:linear', in targets"
             )
-    elif head is not None and head not in names:
-        raise ValueError(f"{type(model).__name__} has no module {head!r} to train as its head")
-    return head
+        self.pending = None
 
 
-def arc_state_dict(model, head="auto"):
-    """The tensors ARC trains: every adapter and shared W, and the classifier head (see mark_trainable)."""
-    head = _head(model, head)
-    prefixes = tuple(f"{name}." for name, module in model.named_modules() if is_arc(module)) + (
-        (f"{head}.",) if head is not None else ()
-    )
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(prefixes)}
-
-
-def mark_trainable(model, head="auto"):
-    """Freeze everything but the ARC tensors and the head; return the number of trainable parameters.
-    head: the head module's name ("head" in timm and vit.py, "heads" in torchvision's ViT, "classifier" in
-    transformers: "auto" finds these), or None for no head."""
-    trainable = arc_state_dict(model, head).keys()
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in trainable)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def load_arc_state_dict(model, state_dict, head="auto"):
-    """Load an arc_state_dict() into `model` (its frozen weights already loaded); names must match exactly."""
-    expected = arc_state_dict(model, head)
-    missing, unexpected = (
-        sorted(expected.keys() - state_dict.keys()),
-        sorted(state_dict.keys() - expected.keys()),
-    )
-    wrong = [
-        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state_dict and state_dict[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong:
+def _check_windows(attention, tokens):
+    """torchvision's Swin attention pads a (B, H, W, C) map that its windows do not divide, after
+    the hook: the padding, zeros before folding, would be the adapter's bias after it. Refused,
+    rather than fold inexactly."""
+    height, width = tokens.shape[1:3]
+    if height % attention.window_size[0] or width % attention.window_size[1]:
         raise ValueError(
-            f"adapter checkpoint does not fit this model: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}, shapes (file vs model) {wrong[:3]} (saved from another model, method or "
-            f"rank?)"
+            f"a {height}x{width} map does not split into {attention.window_size[0]}x"
+            f"{attention.window_size[1]} windows: torchvision's Swin would pad it, and the folded "
+            f"model would differ from the adapted one. Use an image size whose maps the windows "
+            f"divide (224)"
         )
-    model.load_state_dict(state_dict, strict=False)
-    return model

@@ -1,36 +1,41 @@
-"""Swin Transformer (Liu et al., 2021) from scratch, with optional ARC adapters (arc.py), and its published
-weights. Depends on torch, arc.py and vit.py (whose weight-file readers it shares): copy the three together.
+"""Swin Transformer (Liu et al., 2021) from scratch, with optional ARC adapters (arc.py), and its
+published weights. Depends on torch, torchvision (its stochastic depth), arc.py and vit.py (whose
+weight-file readers it shares): copy the three files together.
 
-    model = swin_b(num_classes=47, arc="arc")           # or arc="arc_att", or arc=None (plain Swin)
-    load_pretrained(model, "auto")                      # Microsoft's 22k-to-1k weights, downloaded once
-    load_pretrained(model, "swin_base_patch4_window7_224_22k.pth")  # or a file: Microsoft .pth or timm state dict
-    logits = model(images)                              # images: (B, 3, 224, 224), ImageNet mean/std
+    model = swin_b(num_classes=47, arc="arc")  # or arc="arc_att", or arc=None (plain Swin)
+    load_pretrained(model, "auto")  # Microsoft's 22k-to-1k weights, downloaded once
+    load_pretrained(model, "swin_base_patch4_window7_224_22k.pth")  # or Microsoft's, timm's file
+    logits = model(images)  # images: (B, 3, 224, 224), ImageNet mean/std
 
 Parameter names follow Microsoft's release (layers.{s}.blocks.{j}.attn.qkv, layers.{s}.downsample at
-the end of stages 0-2, head), so its .pth files load as they are; timm >= 0.9 state dicts are renamed
-on loading. The relative position index and shifted-window mask are rebuilt, never read from a file.
+the end of stages 0-2, head), so its .pth files load as they are; timm >= 0.9 state dicts are
+renamed on loading. The relative position index and shifted-window mask are rebuilt, never read from
+a file.
 
 ARC shares its projections per stage, since stage widths differ: layers.{s}.down_proj_att/_ffn (W),
 and layers.{s}.blocks.{j}.adapter_{att,ffn} (c, b), filled in by arc.add_adapters. Both adapters
-transform a LayerNorm output, so arc.reparameterize(model) folds them into attn.qkv and mlp.fc1 as for
-the ViT: the method as the paper describes it, at zero inference cost. The official ARC Swin code
-(Model/ARC_swin_b.py), which produced the paper's Swin numbers, puts the FFN adapter on the residual
-stream instead, x = A_ffn(x); x = x + MLP(norm2(x)), where it changes the skip path too and cannot be
-folded: ffn_adapter="residual" builds that, for an exact reproduction.
+transform a LayerNorm output, so arc.reparameterize(model) folds them into attn.qkv and mlp.fc1 as
+for the ViT: the method as the paper describes it, at zero inference cost. The official ARC Swin
+code (Model/ARC_swin_b.py), which produced the paper's Swin numbers, puts the FFN adapter on the
+residual stream instead, x = A_ffn(x); x = x + MLP(norm2(x)), where it changes the skip path too and
+cannot be folded: ffn_adapter="residual" builds that, for an exact reproduction.
 
-As in the official ARC Swin code: `drop_path` is the stochastic-depth rate of the last block, the rates
-rising linearly from 0 at the first (its runs used 0.1); the classifier head starts truncated-normal
-(std 0.02), its bias zero. Drop-path has no parameters, so state dicts do not change.
+As in the official ARC Swin code: `drop_path` is the stochastic-depth rate of the last block, the
+rates rising linearly from 0 at the first (its runs used 0.1); the classifier head starts
+truncated-normal (std 0.02), its bias zero. Drop-path has no parameters, so state dicts do not
+change.
 """
 
 import re
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.ops import StochasticDepth
 
-from arc import add_adapters
-from vit import load_backbone, published, read_state_dict
+from arc import ARCAdapter, SharedProjection
+from vit import load_backbone, published, read_checkpoint
 
 CONFIGS = {  # name -> width of the first stage, blocks per stage, heads per stage
     "swin_t": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
@@ -38,16 +43,18 @@ CONFIGS = {  # name -> width of the first stage, blocks per stage, heads per sta
     "swin_b": (128, (2, 2, 18, 2), (4, 8, 16, 32)),
     "swin_l": (192, (2, 2, 18, 2), (6, 12, 24, 48)),
 }
-# What a block's adapter slots feed, for each place of the FFN-side adapter: in front of fc1 (foldable), or
-# on the residual stream, in front of norm2 and the skip path (the official ARC Swin's, not foldable)
+# What a block's adapter slots feed, for each place of the FFN-side adapter: in front of fc1
+# (foldable), or on the residual stream, in front of norm2 and the skip path (the official ARC
+# Swin's, not foldable)
 FEEDS = {
-    "norm2": {"att": "attn.qkv", "ffn": "mlp.fc1"},
-    "residual": {"att": "attn.qkv", "ffn": "norm2"},
+    "norm2": {"adapter_att": ["attn.qkv"], "adapter_ffn": ["mlp.fc1"]},
+    "residual": {"adapter_att": ["attn.qkv"], "adapter_ffn": ["norm2"]},
 }
-# Pre-trained on ImageNet-22k, then fine-tuned on ImageNet-1k (Microsoft's model zoo): what the official ARC
-# Swin code's `pretrained=True` loads (its default_cfgs name the 22kto1k file), though the paper's text
-# suggests the 22k-only files. Those (e.g. .../v1.0.0/swin_base_patch4_window7_224_22k.pth) still load by
-# path: the same names and shapes but for the 21841-class head, which is then left out.
+# Pre-trained on ImageNet-22k, then fine-tuned on ImageNet-1k (Microsoft's model zoo): what the
+# official ARC Swin code's `pretrained=True` loads (its default_cfgs name the 22kto1k file), though
+# the paper's text suggests the 22k-only files. Those (e.g.
+# .../v1.0.0/swin_base_patch4_window7_224_22k.pth) still load by path: the same names and shapes but
+# for the 21841-class head, which is then left out.
 URLS = {
     "swin_t": "https://github.com/SwinTransformer/storage/releases/download/v1.0.8/"
     "swin_tiny_patch4_window7_224_22kto1k_finetune.pth",
@@ -61,7 +68,7 @@ URLS = {
 
 
 def to_windows(x, window):
-    """(B, H, W, C) -> (B * num_windows, window * window, C), windows in row-major order per image."""
+    """(B, H, W, C) -> (B * num_windows, window * window, C), windows row-major in each image."""
     B, H, W, C = x.shape
     x = x.view(B, H // window, window, W // window, window, C).transpose(2, 3)
     return x.reshape(-1, window * window, C)
@@ -74,7 +81,8 @@ def from_windows(x, window, H, W):
 
 
 def relative_position_index(window):
-    """(N, N) index into the ((2w-1)^2, heads) bias table for each pair of tokens in a window, N = w*w."""
+    """(N, N) index into the ((2w-1)^2, heads) bias table for each pair of tokens in a window, N =
+    w*w."""
     coords = torch.stack(
         torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
     ).flatten(1)
@@ -83,8 +91,9 @@ def relative_position_index(window):
 
 
 def shift_mask(resolution, window, shift):
-    """(num_windows, N, N): -100 between tokens that the cyclic shift brought together from different
-    regions of the image (they are not neighbours), 0 elsewhere. Microsoft's value and regions."""
+    """(num_windows, N, N): -100 between tokens that the cyclic shift brought together from
+    different regions of the image (they are not neighbours), 0 elsewhere. Microsoft's value and
+    regions."""
     band = torch.zeros(
         resolution, dtype=torch.long
     )  # per axis: untouched, last window, wrapped around
@@ -113,7 +122,8 @@ class WindowAttention(nn.Module):
         """x: (B * num_windows, N, C); mask: None or (num_windows, N, N), added to the logits."""
         B, N, C = x.shape
         # Windows are image-major in x. Attending as (images, windows * heads, N, head_dim) lets one
-        # (windows * heads, N, N) bias broadcast over the images instead of being copied for each one.
+        # (windows * heads, N, N) bias broadcast over the images instead of being copied for each
+        # one.
         windows = 1 if mask is None else len(mask)
         qkv = self.qkv(x).view(B // windows, windows, N, 3, self.heads, C // self.heads)
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).flatten(2, 3)
@@ -122,7 +132,8 @@ class WindowAttention(nn.Module):
         )  # (heads, N, N)
         if mask is not None:
             bias = (bias + mask[:, None]).flatten(0, 1)  # (windows * heads, N, N)
-        # 4-D, (1, ..., N, N): given a 3-D mask, torch's fused CPU kernel is skipped for the slow path
+        # 4-D, (1, ..., N, N): given a 3-D mask, torch's fused CPU kernel is skipped for the slow
+        # path
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None].to(q.dtype))
         x = x.view(B // windows, windows, self.heads, N, -1).transpose(
             2, 3
@@ -130,58 +141,49 @@ class WindowAttention(nn.Module):
         return self.proj(x.reshape(B, N, C))
 
 
-class DropPath(nn.Module):
-    """Stochastic depth: in training, drop a residual branch for whole samples with probability p and
-    scale the kept ones by 1 / (1 - p), so the expectation is unchanged; the identity in eval mode."""
-
-    def __init__(self, p=0.0):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if not self.training or self.p == 0:
-            return x
-        keep = x.new_empty((len(x),) + (1,) * (x.dim() - 1)).bernoulli_(
-            1 - self.p
-        )  # one draw per sample
-        return x * keep / (1 - self.p)
-
-    def extra_repr(self):
-        return f"p={self.p}"
-
-
 class Mlp(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
 class Block(nn.Module):
-    """x = x + W-MSA(A_att(LN1(x))); x = x + FFN(A_ffn(LN2(x))), the attention over (shifted) windows.
+    """x = x + W-MSA(A_att(LN1(x))); x = x + FFN(A_ffn(LN2(x))), the attention over (shifted)
+    windows.
 
-    The attention adapter acts on the normed tokens before the window partition: it is token-wise, so
-    the order does not matter, and it stays right in front of qkv for folding. Without ARC the adapters
-    are identities: slots that arc.add_adapters fills.
+    The adapters are identities until the model puts ARC's there (SwinTransformer). The attention
+    adapter acts on the normed tokens before the window partition: it is token-wise, so
+    the order does not matter, and it stays right in front of qkv for folding.
     """
 
-    def __init__(self, dim, heads, resolution, window, shift, drop_path=0.0, ffn_adapter="norm2"):
+    def __init__(
+        self,
+        dim,
+        heads,
+        resolution,
+        window,
+        shift,
+        drop_path=0.0,
+        ffn_adapter="norm2",
+    ):
         super().__init__()
-        self.resolution, self.window, self.shift, self.ffn_adapter = (
-            resolution,
-            window,
-            shift,
-            ffn_adapter,
-        )
-        self.norm1, self.attn = nn.LayerNorm(dim), WindowAttention(dim, heads, window)
-        self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, 4 * dim)
-        self.drop_path = DropPath(
-            drop_path
-        )  # stochastic depth, one rate for both residual branches
-        self.adapter_att, self.adapter_ffn = nn.Identity(), nn.Identity()
-        self.adapter_feeds = FEEDS[ffn_adapter]
+        self.resolution = resolution
+        self.window = window
+        self.shift = shift
+        self.ffn_adapter = ffn_adapter
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, heads, window)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, 4 * dim)
+        # stochastic depth, one rate for both branches: a whole sample's branch is dropped
+        self.drop_path = StochasticDepth(drop_path, mode="row")
+        self.adapter_feeds = FEEDS[ffn_adapter]  # where arc.reparameterize folds the adapters
+        self.adapter_att = nn.Identity()
+        self.adapter_ffn = nn.Identity()
         self.register_buffer(
             "attn_mask", shift_mask(resolution, window, shift) if shift else None, persistent=False
         )
@@ -223,10 +225,21 @@ class PatchMerging(nn.Module):
 
 
 class Stage(nn.Module):
-    """Blocks at one resolution, alternating plain and shifted windows, then (but last) a patch merging.
-    Under ARC it owns the stage's shared projections (W). drop_paths: one stochastic-depth rate per block."""
+    """Blocks at one resolution, alternating plain and shifted windows, then (but last) a patch
+    merging. Under ARC it owns the stage's shared projections (W): the stages differ in width.
+    drop_paths: one stochastic-depth rate per block."""
 
-    def __init__(self, dim, depth, heads, resolution, window, downsample, drop_paths, ffn_adapter):
+    def __init__(
+        self,
+        dim,
+        depth,
+        heads,
+        resolution,
+        window,
+        downsample,
+        drop_paths,
+        ffn_adapter,
+    ):
         super().__init__()
         shift = window // 2
         if resolution <= window:  # Microsoft's rule: one window covers the map, nothing to shift
@@ -295,7 +308,6 @@ class SwinTransformer(nn.Module):
         rates = torch.linspace(
             0, drop_path, sum(depths), device="cpu"
         ).tolist()  # over all blocks of all stages
-        starts = [sum(depths[:s]) for s in range(len(depths))]
         self.layers = nn.ModuleList(
             Stage(
                 dim * 2**s,
@@ -304,23 +316,31 @@ class SwinTransformer(nn.Module):
                 resolutions[s],
                 window,
                 s < len(depths) - 1,
-                rates[starts[s] : starts[s] + depth],
+                rates[sum(depths[:s]) : sum(depths[: s + 1])],
                 ffn_adapter,
             )
             for s, depth in enumerate(depths)
         )
         self.norm = nn.LayerNorm(dim * 2 ** (len(depths) - 1))
         self.head = nn.Linear(dim * 2 ** (len(depths) - 1), num_classes)
-        # the official ARC Swin's head init (its ViT's is zeros): timm's trunc_normal_(std=0.02), whose bounds
-        # are absolute, +-2: 100 std, so in effect a normal distribution
+        # the official ARC Swin's head init (its ViT's is zeros): timm's trunc_normal_(std=0.02),
+        # whose bounds are absolute, +-2: 100 std, so in effect a normal distribution
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
-        if arc:  # one W per stage, as the stages' widths differ
-            targets = {
-                position: f"layers.*.blocks.*.{layer}"
-                for position, layer in FEEDS[ffn_adapter].items()
-            }
-            add_adapters(self, rank, arc, adapter_dropout, targets)
+        # ARC: per stage (the stages differ in width) and position one W, shared by the adapters of
+        # the stage's blocks; the attention side's adapters start as the identity
+        if arc:
+            for s, stage in enumerate(self.layers):
+                stage.down_proj_att = SharedProjection(dim * 2**s, rank)
+                for block in stage.blocks:
+                    block.adapter_att = ARCAdapter(
+                        stage.down_proj_att, adapter_dropout, identity_init=True
+                    )
+        if arc == "arc":
+            for s, stage in enumerate(self.layers):
+                stage.down_proj_ffn = SharedProjection(dim * 2**s, rank)
+                for block in stage.blocks:
+                    block.adapter_ffn = ARCAdapter(stage.down_proj_ffn, adapter_dropout)
 
     def forward(self, images):
         x = self.patch_embed.norm(self.patch_embed.proj(images).flatten(2).transpose(1, 2))
@@ -329,27 +349,17 @@ class SwinTransformer(nn.Module):
         return self.head(self.norm(x).mean(dim=1))
 
 
-def swin_t(**kw):
-    return SwinTransformer(*CONFIGS["swin_t"], **kw)
-
-
-def swin_s(**kw):
-    return SwinTransformer(*CONFIGS["swin_s"], **kw)
-
-
-def swin_b(**kw):
-    return SwinTransformer(*CONFIGS["swin_b"], **kw)
-
-
-def swin_l(**kw):
-    return SwinTransformer(*CONFIGS["swin_l"], **kw)
+swin_t = partial(SwinTransformer, *CONFIGS["swin_t"])
+swin_s = partial(SwinTransformer, *CONFIGS["swin_s"])
+swin_b = partial(SwinTransformer, *CONFIGS["swin_b"])
+swin_l = partial(SwinTransformer, *CONFIGS["swin_l"])
 
 
 def load_pretrained(model, path):
-    """Load a Microsoft Swin .pth or a timm (>= 0.9) Swin state dict into `model` (ARC or plain). "auto": the
-    published checkpoint of the model's size (URLS), downloaded once."""
+    """Load a Microsoft Swin .pth or a timm (>= 0.9) Swin state dict into `model` (ARC or plain).
+    "auto": the published checkpoint of the model's size (URLS), downloaded once."""
     path = published(model, CONFIGS, URLS) if path == "auto" else path
-    sd = read_state_dict(path)
+    sd = read_checkpoint(path)
     # Microsoft merges patches at the end of a stage, so its stage 0 always has a downsample; timm
     # merges at the start of the next one, so its stage 0 never does (timm's own test). The head
     # cannot tell them apart: headless files have none.
@@ -357,7 +367,7 @@ def load_pretrained(model, path):
     renamed = {}
     for key, value in sd.items():
         if key.endswith(("relative_position_index", "attn_mask")):
-            continue  # derived from the window size: rebuilt by the model, never trusted from a file
+            continue  # derived from the window size: rebuilt by the model, never read
         if timm_layout:
             key = re.sub(
                 r"^layers\.(\d+)\.downsample\.",

@@ -1,5 +1,6 @@
-"""Tests of the method: arc.py (parameter counts, initialisation, folding, add_adapters on every model family),
-the models vit.py and swin.py, their weight loaders, and parity with the official ARC code, timm and Microsoft.
+"""Tests of the method: arc.py (parameter counts, initialisation, folding, add_adapters on every
+model family), the models vit.py and swin.py, their weight loaders, and parity with the official ARC
+code, timm and Microsoft.
 """
 
 import copy
@@ -20,6 +21,7 @@ import vit
 from conftest import (
     ARC_RANK,
     HERE,
+    LayerScale,
     TimmStyleBlock,
     TimmStyleViT,
     randomize_arc,
@@ -29,8 +31,9 @@ from conftest import (
     write_google_npz,
 )
 
-# ---------------------------------------------------------------------------------------------------
-# The method (arc.py): parameter counts, initialisation, folding, add_adapters on every model family, its errors
+# --------------------------------------------------------------------------------------------------
+# The method (arc.py): parameter counts, initialisation, folding, add_adapters on every model
+# family, its errors
 
 
 def is_arc_or_head(name):
@@ -38,8 +41,9 @@ def is_arc_or_head(name):
 
 
 class TimmStyleSwin(torch.nn.Module):
-    """timm's SwinTransformer by its names: layers.{s}.downsample at the start of stages 1-2, layers.{s}.blocks.{j},
-    head.fc. Its blocks attend over all tokens, not windows: add_adapters sees only names and widths."""
+    """timm's SwinTransformer by its names: layers.{s}.downsample at the start of stages 1-2,
+    layers.{s}.blocks.{j}, head.fc. Its blocks attend over all tokens, not windows: add_adapters
+    sees only names and widths."""
 
     def __init__(self, dim=16, depths=(2, 2, 2)):
         super().__init__()
@@ -64,7 +68,8 @@ class TimmStyleSwin(torch.nn.Module):
 
 
 class HFStyleAttention(torch.nn.Module):
-    """transformers 5's ViTAttention by its names: three projections fed the same tokens, and o_proj."""
+    """transformers 5's ViTAttention by its names: three projections fed the same tokens, and
+    o_proj."""
 
     def __init__(self, dim, heads=2):
         super().__init__()
@@ -75,12 +80,13 @@ class HFStyleAttention(torch.nn.Module):
 
     def forward(self, hidden_states):
         B, N, C = hidden_states.shape
-        split = lambda t: t.view(B, N, self.heads, -1).transpose(1, 2)
-        q, k, v = (
-            split(self.q_proj(hidden_states)),
-            split(self.k_proj(hidden_states)),
-            split(self.v_proj(hidden_states)),
-        )
+
+        def split(t):
+            return t.view(B, N, self.heads, -1).transpose(1, 2)
+
+        q = split(self.q_proj(hidden_states))
+        k = split(self.k_proj(hidden_states))
+        v = split(self.v_proj(hidden_states))
         return self.o_proj(
             torch.nn.functional.scaled_dot_product_attention(q, k, v)
             .transpose(1, 2)
@@ -129,7 +135,10 @@ class HF4StyleLayer(torch.nn.Module):
     def forward(self, hidden_states):
         h, attention = self.layernorm_before(hidden_states), self.attention.attention
         B, N, C = h.shape
-        split = lambda t: t.view(B, N, 2, -1).transpose(1, 2)
+
+        def split(t):
+            return t.view(B, N, 2, -1).transpose(1, 2)
+
         mixed = torch.nn.functional.scaled_dot_product_attention(
             split(attention.query(h)), split(attention.key(h)), split(attention.value(h))
         ).transpose(1, 2)
@@ -139,8 +148,8 @@ class HF4StyleLayer(torch.nn.Module):
 
 
 class HFStyleViT(torch.nn.Module):
-    """transformers' ViTForImageClassification by its names: vit.embeddings, vit.layers.{i} (version 5) or
-    vit.encoder.layer.{i} (version 4), vit.layernorm, classifier."""
+    """transformers' ViTForImageClassification by its names: vit.embeddings, vit.layers.{i} (version
+    5) or vit.encoder.layer.{i} (version 4), vit.layernorm, classifier."""
 
     def __init__(self, dim=32, depth=3, version=5):
         super().__init__()
@@ -176,6 +185,239 @@ def _torchvision_swin():
     )
 
 
+def _put(root, name, module):
+    """Register `module` under `root` at the dotted `name`, making the parents on the way (a
+    ModuleList where numbered children follow)."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = root
+    parts = parent_name.split(".") if parent_name else []
+    for i, part in enumerate(parts):
+        if not hasattr(parent, part):
+            numbered = (parts + [leaf])[i + 1].isdigit()
+            parent.add_module(part, torch.nn.ModuleList() if numbered else torch.nn.Module())
+        parent = getattr(parent, part)
+    parent.add_module(leaf, module)
+
+
+class LayoutBlock(torch.nn.Module):
+    """A pre-norm ViT block whose modules bear a library's names: `names` maps the roles norm1, q,
+    k, v, proj, norm2, fc1, fc2 (and ls1, ls2: LayerScale) to dotted names, in the library's order
+    of registration. key_bias=False: a key projection without bias (BEiT, Data2Vec-vision)."""
+
+    def __init__(self, dim, names, key_bias=True):
+        super().__init__()
+        self.names = names
+        for role, name in names.items():
+            if role.startswith("norm"):
+                module = torch.nn.LayerNorm(dim)
+            elif role.startswith("ls"):
+                module = LayerScale(dim)
+            elif role == "fc1":
+                module = torch.nn.Linear(dim, 2 * dim)
+            elif role == "fc2":
+                module = torch.nn.Linear(2 * dim, dim)
+            else:
+                module = torch.nn.Linear(dim, dim, bias=key_bias or role != "k")
+            _put(self, name, module)
+
+    def role(self, role):
+        return self.get_submodule(self.names[role]) if role in self.names else torch.nn.Identity()
+
+    def forward(self, x):
+        B, N, C = x.shape
+        h = self.role("norm1")(x)
+        q, k, v = (self.role(r)(h).view(B, N, 2, -1).transpose(1, 2) for r in "qkv")
+        mixed = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        x = x + self.role("ls1")(self.role("proj")(mixed.reshape(B, N, C)))
+        h = torch.nn.functional.gelu(self.role("fc1")(self.role("norm2")(x)))
+        return x + self.role("ls2")(self.role("fc2")(h))
+
+
+class AttentionPool(torch.nn.Module):
+    """SigLIP's attention-pooling head (probe, attention, layernorm, mlp): part of the backbone."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.probe = torch.nn.Parameter(torch.randn(1, 1, dim))
+        self.attention = torch.nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.layernorm = torch.nn.LayerNorm(dim)
+        self.mlp = vit.Mlp(dim, 2 * dim)
+
+    def forward(self, x):
+        pooled = self.attention(self.probe.expand(len(x), -1, -1), x, x)[0][:, 0]
+        return pooled + self.mlp(self.layernorm(pooled))
+
+
+class OpenClipBlock(torch.nn.Module):
+    """open_clip's ResidualAttentionBlock: ln_1, attn (an nn.MultiheadAttention called as (x, x,
+    x)), ln_2, mlp.c_fc, mlp.c_proj."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.ln_1 = torch.nn.LayerNorm(dim)
+        self.attn = torch.nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.ln_2 = torch.nn.LayerNorm(dim)
+        self.mlp = torch.nn.Sequential()
+        self.mlp.c_fc = torch.nn.Linear(dim, 2 * dim)
+        self.mlp.gelu = torch.nn.GELU()
+        self.mlp.c_proj = torch.nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class LayoutModel(torch.nn.Module):
+    """A transformer whose modules bear a library's names. `sequence`: (dotted name, module) in the
+    order that forward applies them to the tokens; `heads`: the names of its classifiers (their
+    logits add up; none: it returns the pooled tokens); `pool`: SigLIP's attention-pooling head.
+    `extra`: modules that forward never calls (CLIP's text tower)."""
+
+    def __init__(self, sequence, heads=("classifier",), pool=None, extra=(), widths=(32, 32)):
+        super().__init__()
+        self.patch_embed = torch.nn.Conv2d(3, widths[0], 8, 8)
+        self.order = [name for name, _ in sequence]
+        for name, module in [*sequence, *extra]:
+            _put(self, name, module)
+        self.final_norm = torch.nn.LayerNorm(widths[-1])
+        self.head_names = list(heads)
+        self.pool_name = pool
+        for name in heads:
+            _put(self, name, torch.nn.Linear(widths[-1], 5))
+        if pool:
+            _put(self, pool, AttentionPool(widths[-1]))
+
+    def forward(self, images):
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)
+        for name in self.order:
+            x = self.get_submodule(name)(x)
+        x = self.final_norm(x)
+        pooled = self.get_submodule(self.pool_name)(x) if self.pool_name else x.mean(1)
+        if not self.head_names:
+            return pooled
+        return sum(self.get_submodule(name)(pooled) for name in self.head_names)
+
+
+# Block layouts by role (see LayoutBlock), read off transformers 5.25
+HF_VIT = {
+    "q": "attention.q_proj",
+    "k": "attention.k_proj",
+    "v": "attention.v_proj",
+    "proj": "attention.o_proj",
+    "norm1": "layernorm_before",
+    "norm2": "layernorm_after",
+    "fc1": "mlp.fc1",
+    "fc2": "mlp.fc2",
+}
+HF_DINOV2 = {
+    "norm1": "norm1",
+    "q": "attention.q_proj",
+    "k": "attention.k_proj",
+    "v": "attention.v_proj",
+    "proj": "attention.o_proj",
+    "ls1": "layer_scale1",
+    "norm2": "norm2",
+    "fc1": "mlp.fc1",
+    "fc2": "mlp.fc2",
+    "ls2": "layer_scale2",
+}
+HF_CLIP = {
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "q": "self_attn.q_proj",
+    "proj": "self_attn.out_proj",
+    "norm1": "layer_norm1",
+    "fc1": "mlp.fc1",
+    "fc2": "mlp.fc2",
+    "norm2": "layer_norm2",
+}
+HF_4 = {  # transformers 4's names, which Data2Vec-vision keeps in 5.25
+    "q": "attention.attention.query",
+    "k": "attention.attention.key",
+    "v": "attention.attention.value",
+    "proj": "attention.output.dense",
+    "fc1": "intermediate.dense",
+    "fc2": "output.dense",
+    "norm1": "layernorm_before",
+    "norm2": "layernorm_after",
+}
+
+
+def _stack(prefix, names, depth=3, width=32, key_bias=True):
+    return [(f"{prefix}.{i}", LayoutBlock(width, names, key_bias)) for i in range(depth)]
+
+
+def _hf_swin():
+    """transformers' SwinForImageClassification by its names; its blocks attend over all tokens."""
+    stages = [
+        *_stack("swin.encoder.layers.0.blocks", HF_VIT, 2, 16),
+        ("swin.encoder.layers.0.downsample", torch.nn.Linear(16, 32)),
+        *_stack("swin.encoder.layers.1.blocks", HF_VIT, 2, 32),
+    ]
+    return LayoutModel(stages, widths=(16, 32))
+
+
+def _open_clip(prefix="", text=False):
+    """open_clip's VisionTransformer, or with prefix "visual." and text=True its CLIP model."""
+    resblocks = [(f"{prefix}transformer.resblocks.{i}", OpenClipBlock(32)) for i in range(3)]
+    text_tower = [(f"transformer.resblocks.{i}", OpenClipBlock(32)) for i in range(2) if text]
+    return LayoutModel(resblocks, heads=(), extra=text_tower)
+
+
+class BeitAttention(vit.Attention):
+    """timm's BEiT (and EVA) attention: qkv without bias; its own q_bias and v_bias and a zero
+    k_bias buffer, applied with F.linear; a relative position bias on the logits."""
+
+    def __init__(self, dim, heads, tokens=17):
+        super().__init__(dim, heads)
+        self.qkv = torch.nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = torch.nn.Parameter(torch.randn(dim) * 0.1)
+        self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
+        self.v_bias = torch.nn.Parameter(torch.randn(dim) * 0.1)
+        self.relative_position_bias = torch.nn.Parameter(torch.randn(heads, tokens, tokens))
+        self.window_size = (4, 4)  # timm's has one, as torchvision's Swin attention: told apart
+
+    def forward(self, x):
+        B, N, C = x.shape
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        qkv = torch.nn.functional.linear(x, self.qkv.weight, bias)
+        q, k, v = qkv.view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        mixed = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=self.relative_position_bias
+        )
+        return self.proj(mixed.transpose(1, 2).reshape(B, N, C))
+
+
+class RotaryEmbeddingCat(torch.nn.Module):
+    """timm's EVA-02 rotary position embeddings, by the class name that add_adapters looks for."""
+
+
+def _timm_beit(rotary=False):
+    model = TimmStyleViT()
+    for block in model.blocks:
+        block.attn = BeitAttention(32, 2)
+    if rotary:  # EVA-02
+        model.rope = RotaryEmbeddingCat()
+    return model
+
+
+class DistilledViT(TimmStyleViT):
+    """timm's VisionTransformerDistilled (deit_*_distilled_*): `head` on the class token,
+    `head_dist` on the distillation token; in eval, the mean of their logits."""
+
+    def __init__(self):
+        super().__init__(registers=1)  # the distillation token, where a register would be
+        self.head_dist = torch.nn.Linear(32, 5)
+
+    def forward(self, images):
+        x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
+        x = torch.cat([x[:, :1], self.reg_token.expand(len(x), -1, -1), x[:, 1:]], dim=1)
+        x = self.norm(self.blocks(x))
+        return (self.head(x[:, 0]) + self.head_dist(x[:, 1])) / 2
+
+
 ARC_FAMILIES = {  # name -> (a small model, its input size, [(width, blocks of that width)])
     "timm ViT": (TimmStyleViT, 32, [(32, 3)]),
     "timm DINOv2 (LayerScale, registers)": (
@@ -194,22 +436,101 @@ ARC_FAMILIES = {  # name -> (a small model, its input size, [(width, blocks of t
     "transformers 4 ViT": (lambda: HFStyleViT(version=4), 32, [(32, 3)]),
     "vit.py": (lambda: tiny_vit(num_classes=5), 32, [(32, 2)]),
     "swin.py": (lambda: swin_tiny(), 64, [(16, 2), (32, 2), (64, 2)]),
+    "timm BEiT (q and v biases of its own)": (_timm_beit, 32, [(32, 3)]),
+    "timm DeiT distilled (head, head_dist)": (DistilledViT, 32, [(32, 3)]),
+    "transformers Dinov2Model": (
+        lambda: LayoutModel(_stack("encoder.layer", HF_DINOV2), heads=()),
+        32,
+        [(32, 3)],
+    ),
+    "transformers Dinov2ForImageClassification": (
+        lambda: LayoutModel(_stack("dinov2.encoder.layer", HF_DINOV2)),
+        32,
+        [(32, 3)],
+    ),
+    "transformers CLIPVisionModel": (
+        lambda: LayoutModel(_stack("encoder.layers", HF_CLIP), heads=()),
+        32,
+        [(32, 3)],
+    ),
+    "transformers CLIPModel (text tower left alone)": (
+        lambda: LayoutModel(
+            _stack("vision_model.encoder.layers", HF_CLIP),
+            heads=(),
+            extra=_stack("text_model.encoder.layers", HF_CLIP, 2),
+        ),
+        32,
+        [(32, 3)],
+    ),
+    "transformers SiglipVisionModel (attention pooling frozen)": (
+        lambda: LayoutModel(_stack("encoder.layers", HF_CLIP), heads=(), pool="head"),
+        32,
+        [(32, 3)],
+    ),
+    "transformers SwinForImageClassification": (_hf_swin, 32, [(16, 2), (32, 2)]),
+    "transformers DeiTForImageClassification": (
+        lambda: LayoutModel(_stack("deit.layers", HF_VIT)),
+        32,
+        [(32, 3)],
+    ),
+    "transformers DeiTForImageClassificationWithTeacher": (
+        lambda: LayoutModel(
+            _stack("deit.layers", HF_VIT), heads=("cls_classifier", "distillation_classifier")
+        ),
+        32,
+        [(32, 3)],
+    ),
+    "transformers ViTMAEModel": (
+        lambda: LayoutModel(_stack("layers", HF_VIT), heads=()),
+        32,
+        [(32, 3)],
+    ),
+    "transformers BeitForImageClassification (no key bias)": (
+        lambda: LayoutModel(_stack("beit.layers", HF_VIT, key_bias=False)),
+        32,
+        [(32, 3)],
+    ),
+    "transformers Data2VecVisionForImageClassification (no key bias)": (
+        lambda: LayoutModel(_stack("data2vec_vision.encoder.layer", HF_4, key_bias=False)),
+        32,
+        [(32, 3)],
+    ),
+    "open_clip VisionTransformer": (_open_clip, 32, [(32, 3)]),
+    "open_clip CLIP (text tower left alone)": (
+        lambda: _open_clip("visual.", text=True),
+        32,
+        [(32, 3)],
+    ),
 }
+
+
+def _head(family):
+    """What mark_trainable trains as a family's head: a model without a classifier has none."""
+    modules = dict(ARC_FAMILIES[family][0]().named_modules())
+    has_head = any(isinstance(modules.get(name), torch.nn.Linear) for name in arc.HEADS)
+    return "auto" if has_head else None
 
 
 def _layer_weight(layer):
     return layer.in_proj_weight if isinstance(layer, torch.nn.MultiheadAttention) else layer.weight
 
 
+def _feeds(model, adapter_name):
+    """The layers that the adapter of this name feeds, as its block says."""
+    block_name, _, attribute = adapter_name.rpartition(".")
+    block = model.get_submodule(block_name)
+    return [block.get_submodule(name) for name in block.adapter_feeds[attribute]]
+
+
 def _arc_on(family, method="arc", dropout=0.1):
-    """(the plain model, a copy with ARC, its non-zero ARC tensors, in eval mode; input images) of a family."""
+    """(the plain model, a copy with ARC, its non-zero ARC tensors, in eval mode; input images) of a
+    family."""
     build, size, _ = ARC_FAMILIES[family]
     torch.manual_seed(0)
     plain = build().eval()
     with torch.no_grad():
-        for name in arc.arc_state_dict(
-            plain
-        ):  # the head alone; some start at zero, which would hide everything
+        # the head alone; some start at zero, which would hide everything
+        for name in arc.arc_state_dict(plain, _head(family)):
             plain.get_parameter(name).normal_(0, 0.5)
     model = arc.add_adapters(copy.deepcopy(plain), rank=ARC_RANK, method=method, dropout=dropout)
     with torch.no_grad():
@@ -219,7 +540,8 @@ def _arc_on(family, method="arc", dropout=0.1):
 
 
 class FunctionalAttention(vit.Attention):
-    """Uses its qkv layer's weight with F.linear, never calling the layer (as torchvision's Swin attention does)."""
+    """Uses its qkv layer's weight with F.linear, never calling the layer (as torchvision's Swin
+    attention does)."""
 
     def forward(self, x):
         B, N, C = x.shape
@@ -243,7 +565,7 @@ def test_swin_b_arc_parameter_counts():
     head = dims[-1] * classes + classes
     for method, sides in (("arc", 2), ("arc_att", 1)):
         expected = sides * sum(
-            d * r + L * (r + d) for d, L in zip(dims, depths)
+            d * r + L * (r + d) for d, L in zip(dims, depths, strict=True)
         )  # per-stage W, per-block c, b
         model = swin.swin_b(num_classes=classes, arc=method, rank=r)
         assert sum(v.numel() for v in arc.arc_state_dict(model, head=None).values()) == expected
@@ -358,17 +680,17 @@ def test_adapter_checkpoint_is_small_and_reloads(tmp_path):
 def test_add_adapters_counts_acts_and_folds_back_into_the_original_model(family, method):
     build, _, widths = ARC_FAMILIES[family]
     plain, model, images = _arc_on(family, method)
-    head = sum(v.numel() for v in arc.arc_state_dict(plain).values())
+    head = sum(v.numel() for v in arc.arc_state_dict(plain, _head(family)).values())
     positions = arc.METHODS[method]  # 2 (d r + L (r + d)) per width for arc, half for arc_att
     assert (
-        arc.mark_trainable(model)
+        arc.mark_trainable(model, _head(family))
         == len(positions) * sum(d * ARC_RANK + L * (ARC_RANK + d) for d, L in widths) + head
     )
     fed = [
         (
             name.rpartition("_")[2],
             adapter.bias.numel(),
-            [(_layer_weight(layer), _layer_weight(layer).clone()) for layer in adapter.feeds],
+            [(_layer_weight(layer), _layer_weight(layer).clone()) for layer in _feeds(model, name)],
         )
         for name, adapter in model.named_modules()
         if isinstance(adapter, arc.ARCAdapter)
@@ -387,9 +709,13 @@ def test_add_adapters_counts_acts_and_folds_back_into_the_original_model(family,
     )  # every hook removed
     fresh = build().eval()
     fresh.load_state_dict(folded.state_dict(), strict=True)
+    # alike but for the weights: nn.MultiheadAttention computes differently for frozen ones
+    fresh.requires_grad_(False)
+    folded.requires_grad_(False)
     with torch.no_grad():
         assert torch.equal(fresh(images), folded(images))
-    # the weight changes at one position, stacked over the layers of one width, have rank r: the shared W
+    # the weight changes at one position, stacked over the layers of one width, have rank r: the
+    # shared W
     for position in positions:
         for width, _ in widths:
             changes = torch.cat(
@@ -407,28 +733,30 @@ def test_add_adapters_counts_acts_and_folds_back_into_the_original_model(family,
 def test_an_adamw_step_moves_only_the_arc_tensors_and_the_head(family):
     _, model, images = _arc_on(family)
     model.train()
-    arc.mark_trainable(model)
+    arc.mark_trainable(model, _head(family))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model(images).logsumexp(-1).sum().backward()
     optimizer.step()
     moved = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
-    assert moved == set(arc.arc_state_dict(model)) and any(
-        name.startswith(("head", "classifier")) for name in moved
-    )
+    assert moved == set(arc.arc_state_dict(model, _head(family)))
+    heads_moved = moved - set(arc.arc_state_dict(model, head=None))
+    assert bool(heads_moved) == (_head(family) is not None)
 
 
 @pytest.mark.parametrize("family", list(ARC_FAMILIES))
 def test_arc_state_dict_round_trips_into_a_second_model(family):
     plain, model, images = _arc_on(family)
+    head = _head(family)
     second = arc.add_adapters(copy.deepcopy(plain), rank=ARC_RANK)
-    arc.load_arc_state_dict(second, arc.arc_state_dict(model))
+    arc.load_arc_state_dict(second, arc.arc_state_dict(model, head), head)
     with torch.no_grad():
         assert torch.equal(second(images), model(images))
     with pytest.raises(ValueError, match="does not fit this model"):
         arc.load_arc_state_dict(
             arc.add_adapters(copy.deepcopy(plain), rank=ARC_RANK, method="arc_att"),
-            arc.arc_state_dict(model),
+            arc.arc_state_dict(model, head),
+            head,
         )
 
 
@@ -487,11 +815,22 @@ def test_a_layer_used_through_its_weight_is_never_silently_left_without_adapters
     for block in model.blocks:
         block.attn.__class__ = FunctionalAttention
     images = torch.randn(2, 3, 32, 32)
+    targets = {"att": "blocks.*.attn.qkv", "ffn": "blocks.*.mlp.fc1"}  # qkv, never called
     with pytest.raises(
-        RuntimeError, match="never called in TimmStyleViT's forward.*'module:linear'"
+        RuntimeError, match="never called in TimmStyleBlock's forward.*'module:linear'"
     ):
-        arc.add_adapters(copy.deepcopy(model), rank=ARC_RANK)(images)
-    # named as "the module that receives the tokens : the layer it applies to them", it works and folds
+        arc.add_adapters(copy.deepcopy(model), rank=ARC_RANK, targets=targets)(images)
+    # whichever module is called first: here a block, not the model
+    hooked = arc.add_adapters(copy.deepcopy(model), rank=ARC_RANK, targets=targets)
+    with pytest.raises(RuntimeError, match="adapter for attn.qkv was never called"):
+        hooked.blocks[1](torch.randn(2, 17, 32))
+    # timm's own names hook the attention module, which applies qkv: recognised as it is
+    recognised = randomize_arc(arc.add_adapters(copy.deepcopy(model), rank=ARC_RANK))
+    with torch.no_grad():
+        expected = recognised(images)
+        assert (arc.reparameterize(recognised)(images) - expected).abs().max() < 1e-5
+    # named as "the module that receives the tokens : the layer it applies to them", it works and
+    # folds
     adapted = randomize_arc(
         arc.add_adapters(
             model, rank=ARC_RANK, targets={"att": "blocks.*.attn:qkv", "ffn": "blocks.*.mlp.fc1"}
@@ -500,27 +839,21 @@ def test_a_layer_used_through_its_weight_is_never_silently_left_without_adapters
     with torch.no_grad():
         expected = adapted(images)
         assert (arc.reparameterize(adapted)(images) - expected).abs().max() < 1e-5
-    eva_like = (
-        TimmStyleViT()
-    )  # timm's EVA and BEiT: qkv without bias, q and v biases added by hand in F.linear
-    for block in eva_like.blocks:
+    no_bias = TimmStyleViT()  # qkv without a bias, and no q and v biases elsewhere
+    for block in no_bias.blocks:
         block.attn.qkv = torch.nn.Linear(32, 96, bias=False)
-        block.attn.q_bias = torch.nn.Parameter(torch.zeros(32))
-    names = [name for name, _ in eva_like.named_modules()]
-    with pytest.raises(
-        ValueError, match="blocks.0.attn.qkv has no bias.*EVA and BEiT.*not supported"
-    ):
-        arc.add_adapters(eva_like)
-    assert [
-        name for name, _ in eva_like.named_modules()
-    ] == names  # refused whole: nothing added before the error
+    names = [name for name, _ in no_bias.named_modules()]
+    with pytest.raises(ValueError, match="blocks.0.attn.qkv has no bias, so ARC's b_l could only"):
+        arc.add_adapters(no_bias)
+    # refused whole: nothing added before the error
+    assert [name for name, _ in no_bias.named_modules()] == names
 
 
 def test_an_unrecognised_model_or_wrong_targets_get_one_clear_error():
     with pytest.raises(
         ValueError,
-        match=r"does not recognise Sequential: looked for the module names of timm "
-        r"SwinTransformer.*transformers ViT.*targets=\{'att': 'blocks\.\*\.attn\.qkv'",
+        match=r"does not recognise Sequential \(see arc.FAMILIES\): name the layers that its "
+        r"normed tokens feed.*targets=\{'att': \.\.\..*after a norm: none$",
     ):
         arc.add_adapters(torch.nn.Sequential(torch.nn.Linear(4, 4)))
     with pytest.raises(
@@ -548,13 +881,7 @@ def test_an_unrecognised_model_or_wrong_targets_get_one_clear_error():
             tiny_vit(num_classes=5),
             targets={"att": "blocks.*.attn.proj", "ffn": "blocks.*.mlp.fc1"},
         )
-    with pytest.raises(
-        RuntimeError, match="tokens on meta and its shared W is on cpu.*nn.DataParallel"
-    ):
-        arc.ARCAdapter(arc.SharedProjection(8, 2), feeds=None)(torch.zeros(1, 8, device="meta"))
-    model = randomize_arc(
-        swin_tiny(arc="arc")
-    ).eval()  # the check is skipped while torch.fx traces (no devices)
+    model = randomize_arc(swin_tiny(arc="arc")).eval()  # torch.fx traces its adapters
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(torch.fx.symbolic_trace(model)(images), model(images))
@@ -566,10 +893,116 @@ def test_an_unrecognised_model_or_wrong_targets_get_one_clear_error():
         HFStyleViT().vit, rank=ARC_RANK
     )  # transformers' ViTModel: no classifier
     with pytest.raises(
-        ValueError, match="Module has no module named head, heads, classifier: pass head="
+        ValueError,
+        match=r"Module has no classifier head \(an nn.Linear named head, .*\): pass head=",
     ):
         arc.mark_trainable(backbone)
     assert arc.mark_trainable(backbone, head=None) == 2 * (32 * ARC_RANK + 3 * (ARC_RANK + 32))
+
+
+def test_beit_folds_exactly_into_its_q_and_v_biases_and_drops_the_keys_share():
+    # a vector added to every key adds q . c to all of one query's logits: softmax ignores it
+    _, model, images = _arc_on("timm BEiT (q and v biases of its own)")
+    attention = model.blocks[0].attn
+    q_bias, v_bias = attention.q_bias.clone(), attention.v_bias.clone()
+    shift = attention.qkv.weight.detach() @ model.blocks[0].adapter_att.bias.detach()  # Wt b_l
+    with torch.no_grad():
+        adapted = model(images)
+        folded = arc.reparameterize(model)
+        assert (folded(images) - adapted).abs().max() <= 1e-5 * adapted.abs().max()
+    assert torch.allclose(attention.q_bias, q_bias + shift[:32], atol=1e-6)
+    assert torch.allclose(attention.v_bias, v_bias + shift[64:], atol=1e-6)
+    assert shift[32:64].abs().max() > 0.1 and torch.equal(attention.k_bias, torch.zeros(32))
+
+
+def test_eva02_whose_keys_rotate_by_position_is_refused_with_the_reason():
+    model = _timm_beit(rotary=True)
+    names = [name for name, _ in model.named_modules()]
+    with pytest.raises(
+        ValueError, match=r"blocks.0.attn.qkv has no bias for the keys.*rotary embeddings.*EVA-02"
+    ):
+        arc.add_adapters(model)
+    assert [name for name, _ in model.named_modules()] == names  # nothing added
+    hf_like = LayoutModel(_stack("layers", HF_VIT, key_bias=False))
+    hf_like.rotary_emb = RotaryEmbeddingCat()
+    with pytest.raises(ValueError, match=r"layers.0.attention.k_proj has no bias for the keys"):
+        arc.add_adapters(hf_like)
+
+
+def test_torch_fx_traces_an_adapted_torchvision_swin():
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    torch.manual_seed(0)
+    model = randomize_arc(arc.add_adapters(torchvision.models.swin_t(num_classes=5))).eval()
+    images = torch.randn(1, 3, 224, 224)
+    extractor = create_feature_extractor(model, return_nodes={"head": "logits"})
+    with torch.no_grad():  # the traced graph has both adapters: the FFN one by its hook on mlp
+        assert torch.equal(extractor(images)["logits"], model(images))
+
+
+def test_every_classifier_head_trains_and_nothing_else_is_taken_for_one():
+    distilled = arc.add_adapters(DistilledViT(), rank=ARC_RANK)
+    heads = {k for k in arc.arc_state_dict(distilled) if k.startswith("head")}
+    assert heads == {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias"}
+    siglip = arc.add_adapters(
+        LayoutModel(_stack("encoder.layers", HF_CLIP), heads=(), pool="head"), rank=ARC_RANK
+    )
+    assert isinstance(siglip.head, AttentionPool)  # named head, but the backbone's pooling
+    with pytest.raises(ValueError, match="LayoutModel has no classifier head.*head=None to train"):
+        arc.mark_trainable(siglip)
+    assert arc.mark_trainable(siglip, head=None) == 2 * (32 * ARC_RANK + 3 * (ARC_RANK + 32))
+    torchvision_vit = torchvision.models.VisionTransformer(
+        32, 8, 3, 2, 32, 64, representation_size=16
+    )
+    assert [k for k in arc.arc_state_dict(torchvision_vit)] == [
+        "heads.head.weight",
+        "heads.head.bias",
+    ]
+    assert arc.mark_trainable(TimmStyleSwin(), head="head.fc") == 64 * 5 + 5
+
+
+def test_targets_naming_nothing_or_an_unknown_position_are_errors():
+    model = HFStyleViT()
+    misspelt = ["attention.q_proj", "attention.k_proj", "attention.v_prj"]
+    with pytest.raises(ValueError, match=r"targets\['att'\] = 'attention.v_prj' names no module"):
+        arc.add_adapters(model, targets={"att": misspelt, "ffn": "mlp.fc1"})
+    with pytest.raises(ValueError, match=r"targets\['att'\] = 'attention.q_prj' names no module"):
+        arc.add_adapters(model, targets={"att": "attention.{q,k,v}_prj", "ffn": "mlp.fc1"})
+    with pytest.raises(ValueError, match=r"adapts the positions \['att', 'ffn'\]: targets has"):
+        arc.add_adapters(model, targets={"att": "attention.q_proj", "mlp": "mlp.fc1"})
+    with pytest.raises(ValueError, match=r"'arc_att' adapts the positions \['att'\]"):
+        arc.add_adapters(
+            model, method="arc_att", targets={"att": "attention.q_proj", "ffn": "mlp.fc1"}
+        )
+    assert not any(arc.is_arc(m) for m in model.modules())
+
+
+def test_an_unrecognised_model_is_shown_its_own_linear_layers_after_norms():
+    model = LayoutModel(
+        _stack(
+            "trunk",
+            {
+                "norm1": "pre",
+                "q": "mix.a",
+                "k": "mix.b",
+                "v": "mix.c",
+                "proj": "out",
+                "norm2": "post",
+                "fc1": "ff.up",
+                "fc2": "ff.down",
+            },
+        )
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"Its first linear layers after a norm: trunk.\*.mix.a, "
+        r"trunk.\*.ff.up, classifier$",
+    ):
+        arc.add_adapters(model)
+    adapted = arc.add_adapters(
+        model, targets={"att": "trunk.*.mix.{a,b,c}", "ffn": "trunk.*.ff.up"}
+    )
+    assert arc.mark_trainable(adapted) == 2 * (32 * 50 + 3 * (50 + 32)) + 32 * 5 + 5
 
 
 def test_add_adapters_makes_its_tensors_like_the_model_s_and_leaves_the_backbone_s_modes_alone():
@@ -613,13 +1046,17 @@ def test_torchvision_swins_that_could_not_fold_exactly_are_refused():
         )  # padded after the adapter: its bias would reach the padding once folded
 
 
-# ---------------------------------------------------------------------------------------------------
-# The models and their weight loaders (vit.py, swin.py): Google's, timm's and Microsoft's layouts, Swin's semantics
+# --------------------------------------------------------------------------------------------------
+# The models and their weight loaders (vit.py, swin.py): Google's, timm's and Microsoft's layouts,
+# Swin's semantics
 
 
 def assert_loaded_like_google(model, arrays):
     """Each loaded tensor computes what the .npz array computes in Google's (in, out) convention."""
-    t = lambda name: torch.from_numpy(arrays[name])
+
+    def t(name):
+        return torch.from_numpy(arrays[name])
+
     block, att = (
         model.blocks[-1],
         f"Transformer/encoderblock_{len(model.blocks) - 1}/MultiHeadDotProductAttention_1/",
@@ -632,7 +1069,7 @@ def assert_loaded_like_google(model, arrays):
         assert torch.allclose(model.patch_embed.proj(patch).flatten(), expected, atol=1e-5)
         x = torch.randn(t("cls").shape[-1])
         qkv = block.attn.qkv(x).chunk(3)
-        for out, name in zip(qkv, ("query", "key", "value")):
+        for out, name in zip(qkv, ("query", "key", "value"), strict=True):
             expected = torch.einsum("d,dhk->hk", x, t(f"{att}{name}/kernel")) + t(
                 f"{att}{name}/bias"
             )
@@ -663,8 +1100,9 @@ def reference_images(n, size):
     )
 
 
-# Logits of timm 1.0.31's VisionTransformer on the same tiny .npz (loaded by timm's own npz loader) and
-# the same inputs, computed once outside this repo: an independent implementation, without depending on it.
+# Logits of timm 1.0.31's VisionTransformer on the same tiny .npz (loaded by timm's own npz loader)
+# and the same inputs, computed once outside this repo: an independent implementation, without
+# depending on it.
 TIMM_VIT_LOGITS = [
     [-0.32729971, 0.47661120, 0.04489766, -0.92059106, -0.45604095],
     [-0.32190135, 0.50408822, 0.11661853, -1.03994310, -0.51454759],
@@ -672,8 +1110,9 @@ TIMM_VIT_LOGITS = [
 
 
 def swin_reference_weights():
-    """Deterministic random weights, Microsoft's layout, for swin_tiny(): numpy's seeded generator over
-    the sorted parameter names, so the same tensors can be fed to timm in a script outside this repo."""
+    """Deterministic random weights, Microsoft's layout, for swin_tiny(): numpy's seeded generator
+    over the sorted parameter names, so the same tensors can be fed to timm in a script outside this
+    repo."""
     rng = np.random.default_rng(0)
     sd = {}
     for name, tensor in sorted(swin_tiny().state_dict().items()):
@@ -691,8 +1130,9 @@ def swin_reference_weights():
     return sd
 
 
-# timm 1.0.31's SwinTransformer (img 64, patch 4, window 4, embed 16, depths (2, 2, 2), heads (1, 2, 4)) on
-# swin_reference_weights() renamed to timm's layout, and the same inputs: computed once outside this repo.
+# timm 1.0.31's SwinTransformer (img 64, patch 4, window 4, embed 16, depths (2, 2, 2), heads (1, 2,
+# 4)) on swin_reference_weights() renamed to timm's layout, and the same inputs: computed once
+# outside this repo.
 TIMM_SWIN_LOGITS = [
     [0.70471120, 3.41673279, 0.15904297, 0.68525320, -0.99523121],
     [0.89522320, 2.79173684, 0.50579470, 0.64907320, -1.11739779],
@@ -700,7 +1140,8 @@ TIMM_SWIN_LOGITS = [
 
 
 def swin_reference_arc_tensors(rank=4):
-    """Deterministic ARC tensors for swin_tiny(arc="arc", rank=rank), from numpy's seeded generator as above."""
+    """Deterministic ARC tensors for swin_tiny(arc="arc", rank=rank), from numpy's seeded generator
+    as above."""
     rng = np.random.default_rng(1)
     model = swin_tiny(arc="arc", rank=rank, ffn_adapter="residual")
     return {
@@ -710,9 +1151,10 @@ def swin_reference_arc_tensors(rank=4):
     }
 
 
-# The official ARC Swin (Model/ARC_swin_b.py at 8227d57, run with torch 2.11 and timm 1.0.31 outside this repo) at
-# swin_tiny's size and rank 4, on swin_reference_weights() and swin_reference_arc_tensors() under its names
-# (layers.{s}.attn_u, mlp_u; blocks.{j}.attn_lambda, attn_lambda_bias, mlp_lambda, mlp_lambda_bias), in eval mode.
+# The official ARC Swin (Model/ARC_swin_b.py at 8227d57, run with torch 2.11 and timm 1.0.31 outside
+# this repo) at swin_tiny's size and rank 4, on swin_reference_weights() and
+# swin_reference_arc_tensors() under its names (layers.{s}.attn_u, mlp_u; blocks.{j}.attn_lambda,
+# attn_lambda_bias, mlp_lambda, mlp_lambda_bias), in eval mode.
 OFFICIAL_ARC_SWIN_LOGITS = [
     [1.63588762, 0.10339437, 1.52439380, -0.59871161, -0.57261765],
     [1.99664140, 0.53178465, 1.74008203, -0.74502832, -0.25428307],
@@ -748,7 +1190,8 @@ def test_bad_configurations_are_refused():
 
 
 def test_vit_dropout_sits_after_the_position_embedding_and_in_the_mlp_only():
-    # the official "vit_drop": after pos_embed is added, after the MLP's GELU, after its fc2; none in attention
+    # the official "vit_drop": after pos_embed is added, after the MLP's GELU, after its fc2; none
+    # in attention
     model = tiny_vit(num_classes=5, dropout=0.5).train()  # no ARC, so no adapter dropout either
     assert sum(isinstance(m, torch.nn.Dropout) for m in model.modules()) == 1 + 2 * len(
         model.blocks
@@ -764,7 +1207,8 @@ def test_vit_dropout_sits_after_the_position_embedding_and_in_the_mlp_only():
     block.mlp.register_forward_hook(lambda module, args, out: seen.update(mlp=out))
     torch.manual_seed(0)
     model(torch.randn(4, 3, 32, 32))
-    # dropout leaves exact zeros in about half of the values; these activations have none of their own
+    # dropout leaves exact zeros in about half of the values; these activations have none of their
+    # own
     zeros = {
         name: (seen[name] == 0).float().mean().item()
         for name in ("tokens", "attention", "hidden", "mlp")
@@ -901,7 +1345,8 @@ def test_bad_weight_files_fail_with_a_clear_error(tmp_path):
     write_google_npz(tmp_path / "large.npz", 48, 2, 2, 64, 8, 5, 4)  # wider: another model size
     with pytest.raises(
         vit.CheckpointError,
-        match=r"large\.npz does not fit.*patch_embed\.proj\.weight \(48, 3, 8, 8\) vs \(32, 3, 8, 8\)",
+        match=r"large\.npz does not fit.*patch_embed\.proj\.weight \(48, 3, 8, 8\) vs "
+        r"\(32, 3, 8, 8\)",
     ):
         vit.load_pretrained(tiny_vit(num_classes=5), tmp_path / "large.npz")
     torch.save({"layers.0.blocks.0.attn.qkv.weight": torch.zeros(3)}, tmp_path / "swin.pth")
@@ -967,18 +1412,19 @@ def test_swin_shift_mask_separates_regions():
     resolution, window, shift = 8, 4, 2
     mask = swin.shift_mask(resolution, window, shift)
     assert mask.shape == (4, 16, 16)
+
     # independently: in the rolled map, token (i, j) of window (wy, wx) came from across the border
     # along an axis when its rolled coordinate is in the last `shift` rows/columns
-    for w in range(4):
+    def wrapped(w, y, x):
         wy, wx = divmod(w, 2)
+        return (wy * 4 + y >= resolution - shift, wx * 4 + x >= resolution - shift)
+
+    for w in range(4):
         for a in range(16):
             for b in range(16):
-                (ya, xa), (yb, xb) = divmod(a, 4), divmod(b, 4)
-                wrapped = lambda y, x: (
-                    wy * 4 + y >= resolution - shift,
-                    wx * 4 + x >= resolution - shift,
+                assert mask[w, a, b] == (
+                    0.0 if wrapped(w, *divmod(a, 4)) == wrapped(w, *divmod(b, 4)) else -100.0
                 )
-                assert mask[w, a, b] == (0.0 if wrapped(ya, xa) == wrapped(yb, xb) else -100.0)
     assert (
         (mask.diagonal(dim1=1, dim2=2) == 0).all()
         and (mask[0] == 0).all()
@@ -996,9 +1442,9 @@ def test_swin_shift_mask_broadcasts_over_images_instead_of_being_copied(monkeypa
     monkeypatch.setattr(swin.F, "scaled_dot_product_attention", recording)
     with torch.no_grad():
         swin_tiny().eval()(torch.randn(3, 3, 64, 64))
-    # stage 0: 16 windows of 4x4 tokens, 1 head, 3 images. A plain block attends as (images x windows, heads)
-    # with its bias for all; a shifted one as (images, windows x heads) with one shift mask broadcast over
-    # the images, not repeated per image
+    # stage 0: 16 windows of 4x4 tokens, 1 head, 3 images. A plain block attends as (images x
+    # windows, heads) with its bias for all; a shifted one as (images, windows x heads) with one
+    # shift mask broadcast over the images, not repeated per image
     assert all(mask[0] == 1 and q[1] == mask[1] for q, mask in masks)
     assert [(tuple(q[:2]), tuple(mask)) for q, mask in masks[:2]] == [
         ((48, 1), (1, 1, 16, 16)),
@@ -1042,7 +1488,8 @@ def test_swin_images_in_a_batch_are_independent():
 
 
 def test_swin_patch_merging_order():
-    # Microsoft's order, which the pretrained reduction weights expect: (0,0), (1,0), (0,1), (1,1) as (row, col)
+    # Microsoft's order, which the pretrained reduction weights expect: (0,0), (1,0), (0,1), (1,1)
+    # as (row, col)
     merging, seen = swin.PatchMerging(1, resolution=4), []
     merging.norm.register_forward_hook(lambda module, args, out: seen.append(args[0]))
     merging(torch.arange(16.0).view(1, 16, 1))  # token value = row * 4 + col
@@ -1064,7 +1511,7 @@ def test_swin_drop_path_rates_rise_linearly_over_all_blocks():
 
 
 def test_swin_drop_path_drops_whole_samples_and_rescales_the_others():
-    drop = swin.DropPath(0.25).train()
+    drop = swin_tiny(drop_path=0.25).layers[2].blocks[1].drop_path.train()  # the last: 0.25
     x = torch.rand(4000, 3, 5) + 1  # no zeros of its own
     torch.manual_seed(0)
     y = drop(x)
@@ -1089,9 +1536,10 @@ def test_swin_drop_path_acts_on_both_residual_branches():
 def test_swin_ffn_adapter_on_the_residual_stream_is_the_official_placement_and_does_not_fold(
     placement,
 ):
-    # with the MLP's output zeroed, a block's FFN branch adds nothing: whatever the FFN-side adapter still
-    # changes, it changes on the skip path. The official ARC Swin's adapter (residual) adds its b_l to every
-    # token there; the foldable one (norm2) only feeds the MLP, so it changes nothing
+    # with the MLP's output zeroed, a block's FFN branch adds nothing: whatever the FFN-side adapter
+    # still changes, it changes on the skip path. The official ARC Swin's adapter (residual) adds
+    # its b_l to every token there; the foldable one (norm2) only feeds the MLP, so it changes
+    # nothing
     model = swin_tiny(arc="arc", rank=4, ffn_adapter=placement).eval()
     assert arc.mark_trainable(model) == arc.mark_trainable(
         swin_tiny(arc="arc", rank=4)
@@ -1124,7 +1572,8 @@ def test_swin_logits_match_timm_on_the_same_weights(tmp_path):
 
 
 def test_a_plain_swin_cannot_take_the_residual_placement():
-    # add_adapters on it later would feed the slot's adapter to fc1, though the block applies it to the residual stream
+    # add_adapters on it later would feed the slot's adapter to fc1, though the block applies it to
+    # the residual stream
     with pytest.raises(
         ValueError,
         match="ffn_adapter='residual' places ARC's FFN adapter: build the model with arc=",

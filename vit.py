@@ -1,32 +1,34 @@
-"""Vision Transformer (Dosovitskiy et al., 2021) from scratch, with optional ARC adapters (arc.py), and its
-published weights. Depends on torch, numpy (for Google's .npz files) and arc.py: copy the two together.
+"""Vision Transformer (Dosovitskiy et al., 2021) from scratch, with optional ARC adapters (arc.py),
+and its published weights. Depends on torch, numpy (for Google's .npz files) and arc.py: copy the
+two together.
 
-    model = vit_b16(num_classes=47, arc="arc")          # or arc="arc_att", or arc=None (plain ViT)
-    load_pretrained(model, "auto")                      # Google's ImageNet-21k weights, downloaded once
-    load_pretrained(model, "ViT-B_16.npz")              # or a file: Google .npz or a timm-style state dict
-    logits = model(images)                              # images: (B, 3, 224, 224), normalised
+    model = vit_b16(num_classes=47, arc="arc")  # or arc="arc_att", or arc=None (plain ViT)
+    load_pretrained(model, "auto")  # Google's ImageNet-21k weights, downloaded once
+    load_pretrained(model, "ViT-B_16.npz")  # or a file: a Google .npz or a timm state dict
+    logits = model(images)  # images: (B, 3, 224, 224), normalised
 
 Parameter names follow timm (cls_token, pos_embed, blocks.{i}.attn.qkv, ...), so timm state dicts
-load as they are, and a folded model loads into timm's. Each block calls its adapters explicitly,
-x = x + attn(adapter_att(norm1(x))), the form the paper gives; without ARC they are identities, and
-arc.add_adapters fills them (W: down_proj_att, down_proj_ffn; c_l, b_l: blocks.{i}.adapter_{att,ffn}).
+load as they are, and a folded model loads into timm's. Each block calls its adapters explicitly, x
+= x + attn(adapter_att(norm1(x))), the form the paper gives; without ARC they are identities, and
+arc.add_adapters fills them (W: down_proj_att, down_proj_ffn; c_l, b_l:
+blocks.{i}.adapter_{att,ffn}).
 
-`dropout` is the official ARC ViT's "vit_drop": one rate after the position embedding, after the MLP's
-GELU and after its fc2; none in attention. It has no parameters, so state dicts do not change.
+`dropout` is the official ARC ViT's "vit_drop": one rate after the position embedding, after the
+MLP's GELU and after its fc2; none in attention. It has no parameters, so state dicts do not change.
 Notes on loading (a head left out, position embeddings resized) are warnings: the caller shows them.
 """
 
 import os
 import tempfile
 import warnings
-import zipfile
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arc import add_adapters, arc_state_dict
+from arc import ARCAdapter, SharedProjection, arc_state_dict
 
 CONFIGS = {  # name -> patch size, width, depth, heads, MLP width
     "vit_t16": (16, 192, 12, 3, 768),
@@ -35,8 +37,9 @@ CONFIGS = {  # name -> patch size, width, depth, heads, MLP width
     "vit_l16": (16, 1024, 24, 16, 4096),
     "vit_h14": (14, 1280, 32, 16, 5120),
 }
-# ImageNet-21k checkpoints: the original ones ARC starts from (B, L, H), and for Ti and S the AugReg ones
-# timm's pretrained configs name (vit_tiny_patch16_224.augreg_in21k, vit_small_patch16_224.augreg_in21k)
+# ImageNet-21k checkpoints: the original ones ARC starts from (B, L, H), and for Ti and S the AugReg
+# ones timm's pretrained configs name (vit_tiny_patch16_224.augreg_in21k,
+# vit_small_patch16_224.augreg_in21k)
 URLS = {
     "vit_t16": "https://storage.googleapis.com/vit_models/augreg/"
     "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz",
@@ -46,13 +49,12 @@ URLS = {
     "vit_l16": "https://storage.googleapis.com/vit_models/imagenet21k/ViT-L_16.npz",
     "vit_h14": "https://storage.googleapis.com/vit_models/imagenet21k/ViT-H_14.npz",
 }
-# Google's AugReg ImageNet-21k ViT-B/16 (timm's vit_base_patch16_224.augreg_in21k): the weights of the
-# paper's ARC* rows (--weights augreg). How ARC* was trained was never published.
+# Google's AugReg ImageNet-21k ViT-B/16 (timm's vit_base_patch16_224.augreg_in21k): the weights of
+# the paper's ARC* rows (--weights augreg). How ARC* was trained was never published.
 AUGREG_URLS = {
     "vit_b16": "https://storage.googleapis.com/vit_models/augreg/"
     "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz",
 }
-FEEDS = {"att": "attn.qkv", "ffn": "mlp.fc1"}  # what a block's adapter slots feed: where ARC folds
 
 
 class Attention(nn.Module):
@@ -72,25 +74,29 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim, hidden, dropout=0.0):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-        self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)  # after GELU, after fc2
+        self.fc1 = nn.Linear(dim, hidden)
+        self.drop1 = nn.Dropout(dropout)  # after the GELU
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = nn.Dropout(dropout)
 
     def forward(self, x):
         return self.drop2(self.fc2(self.drop1(F.gelu(self.fc1(x)))))
 
 
 class Block(nn.Module):
-    """x = x + MHA(A_att(LN1(x))); x = x + FFN(A_ffn(LN2(x))), the adapters being identities without ARC."""
+    """x = x + MHA(A_att(LN1(x))); x = x + FFN(A_ffn(LN2(x))). The adapters are identities until
+    the model puts ARC's there (VisionTransformer)."""
+
+    adapter_feeds = {"adapter_att": ["attn.qkv"], "adapter_ffn": ["mlp.fc1"]}  # for the fold
 
     def __init__(self, dim, heads, mlp_dim, dropout=0.0):
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
-        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, mlp_dim, dropout)
-        self.adapter_att, self.adapter_ffn = (
-            nn.Identity(),
-            nn.Identity(),
-        )  # slots that arc.add_adapters fills
-        self.adapter_feeds = FEEDS  # what forward sends their output to
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, mlp_dim, dropout)
+        self.adapter_att = nn.Identity()
+        self.adapter_ffn = nn.Identity()
 
     def forward(self, x):
         x = x + self.attn(self.adapter_att(self.norm1(x)))
@@ -131,13 +137,21 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, num_classes)
-        nn.init.zeros_(
-            self.head.weight
-        )  # as the official recipe: the new task starts from zero logits
+        # as the official recipe: the new task starts from zero logits
+        nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        # ARC: per position one W, shared by every block's adapter; the attention side's adapters
+        # start as the identity
         if arc:
-            targets = {position: f"blocks.*.{layer}" for position, layer in FEEDS.items()}
-            add_adapters(self, rank, arc, adapter_dropout, targets)
+            self.down_proj_att = SharedProjection(dim, rank)
+            for block in self.blocks:
+                block.adapter_att = ARCAdapter(
+                    self.down_proj_att, adapter_dropout, identity_init=True
+                )
+        if arc == "arc":
+            self.down_proj_ffn = SharedProjection(dim, rank)
+            for block in self.blocks:
+                block.adapter_ffn = ARCAdapter(self.down_proj_ffn, adapter_dropout)
 
     def forward(self, images):
         x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
@@ -149,44 +163,33 @@ class VisionTransformer(nn.Module):
         return self.head(self.norm(x[:, 0]))
 
 
-def vit_t16(**kw):
-    return VisionTransformer(*CONFIGS["vit_t16"], **kw)
+vit_t16 = partial(VisionTransformer, *CONFIGS["vit_t16"])
+vit_s16 = partial(VisionTransformer, *CONFIGS["vit_s16"])
+vit_b16 = partial(VisionTransformer, *CONFIGS["vit_b16"])
+vit_l16 = partial(VisionTransformer, *CONFIGS["vit_l16"])
+vit_h14 = partial(VisionTransformer, *CONFIGS["vit_h14"])
 
 
-def vit_s16(**kw):
-    return VisionTransformer(*CONFIGS["vit_s16"], **kw)
-
-
-def vit_b16(**kw):
-    return VisionTransformer(*CONFIGS["vit_b16"], **kw)
-
-
-def vit_l16(**kw):
-    return VisionTransformer(*CONFIGS["vit_l16"], **kw)
-
-
-def vit_h14(**kw):
-    return VisionTransformer(*CONFIGS["vit_h14"], **kw)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Weights files: the published checkpoints, downloaded once; Google's .npz and torch state dicts, read with
-# errors that say what the file is; loaded strictly, but for the head. swin.py uses these too.
+# --------------------------------------------------------------------------------------------------
+# Weights files: the published checkpoints, downloaded once; Google's .npz and torch state dicts,
+# read with errors that say what the file is; loaded strictly, but for the head. swin.py uses these
+# too.
 
 
 class CheckpointError(ValueError):
-    """A weights file that cannot be downloaded, is unreadable, or is made for another architecture."""
+    """A weights file that cannot be downloaded, is unreadable, or fits another architecture."""
 
 
 def cached_file(url):
-    """Where torch hub's cache keeps the download of `url` (~/.cache/torch/hub/checkpoints; see TORCH_HOME)."""
+    """Where torch hub's cache keeps the download of `url` (~/.cache/torch/hub/checkpoints; see
+    TORCH_HOME)."""
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
 
 
 def download(url, progress=False):
-    """The path of `url`'s file in torch hub's cache, downloaded there the first time (torch writes a
-    temporary file and renames it, so an interrupted download leaves nothing behind). `progress`: torch's
-    progress bar on stderr."""
+    """The path of `url`'s file in torch hub's cache, downloaded there the first time (torch writes
+    a temporary file and renames it, so an interrupted download leaves nothing behind). `progress`:
+    torch's progress bar on stderr."""
     path = cached_file(url)
     if os.path.exists(path):
         return path
@@ -200,9 +203,7 @@ def download(url, progress=False):
         ) from None
     try:
         torch.hub.download_url_to_file(url, path, progress=progress)
-    except (
-        Exception
-    ) as e:  # URLError, a reset connection, a timeout, an HTTP error: all leave no file
+    except Exception as e:  # URLError, a reset connection, a timeout, an HTTP error: no file left
         raise CheckpointError(
             f"could not download {url} ({type(e).__name__}: {e}). Looked for {path}: download "
             f"it by hand and put it there"
@@ -211,123 +212,57 @@ def download(url, progress=False):
 
 
 def published(model, configs, urls):
-    """The published checkpoint of `model`'s size (the name of its .config in `configs`), downloaded once."""
+    """The file in `urls` for `model`'s size (the name of its .config in `configs`), downloaded
+    once."""
     name = next((name for name, config in configs.items() if config == model.config), None)
-    if name is None:
+    if name not in urls:
         raise CheckpointError(
             f"no published weights for a {type(model).__name__} of configuration {model.config} "
-            f"(those with published weights: {', '.join(configs)})"
+            f"(those with published weights: {', '.join(urls)})"
         )
     return download(urls[name])
 
 
-def read_state_dict(path):
-    """The state dict in a torch checkpoint file (.pth/.bin/.pt), also when nested under 'model' or
-    'state_dict' (Microsoft's and many training scripts' layout)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter(
-                "ignore"
-            )  # torch warns about the pickle protocol of files it then refuses
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except (
-        Exception
-    ):  # what torch says (a missing zip record, an unpickling opcode) would not tell a user why
-        raise CheckpointError(
-            f"{path}: unreadable as a torch checkpoint: it is {describe_file(path)}"
-        ) from None
-    for key in ("model", "state_dict"):
-        sd = sd.get(key, sd) if isinstance(sd, dict) else sd
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise CheckpointError(f"{path}: holds no state dict of tensors")
-    return sd
-
-
-def describe_file(path):
-    """What the file at `path` looks like, in words, for the message about a file that would not load."""
-    if os.path.isdir(path):
-        return "a folder, not a file: give the checkpoint file in it"
-    with open(path, "rb") as f:
-        head = f.read(1024)
-    if not head:
-        return "an empty file (an interrupted download?)"
-    if head.startswith(b"PK"):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-        except zipfile.BadZipFile:
-            return "a zip archive cut short (an interrupted download?)"
-        if names and all(name.endswith(".npy") for name in names):
-            return "a NumPy .npz archive (Google's ViT format), not a torch checkpoint"
-        if any(name.endswith("data.pkl") for name in names):
-            return (
-                "a torch file holding a pickled object, not a state dict of tensors (save "
-                "model.state_dict() with torch.save, not the model)"
-            )
-        return "a zip archive of other files"
-    if head.startswith(b"\x80"):
-        return "a Python pickle, not a torch state dict (save model.state_dict() with torch.save)"
-    if head.lstrip().lower().startswith((b"<!doctype", b"<html", b"<?xml")):
-        return "a web page (a server's error page saved in place of the download?)"
-    try:
-        head.decode("utf-8")
-        return "a text file"
-    except UnicodeDecodeError:
-        return "not a checkpoint in any format this loader knows"
-
-
 def load_backbone(model, state_dict, source, head="head"):
-    """Load pretrained weights into every tensor of `model` but ARC's: all must be present with the right
-    shapes. The head is loaded only when its shape fits; else it stays as initialised, with a warning."""
+    """Load pretrained weights into every tensor of `model` but ARC's: all must be present with the
+    right shapes. The head is loaded only when its shape fits; else it stays as initialised, with a
+    warning."""
     adapters = arc_state_dict(model, head=None)
     own = {k: v for k, v in model.state_dict().items() if k not in adapters}
-    is_head = lambda k: k.startswith(f"{head}.")
-    missing = [k for k in own if k not in state_dict and not is_head(k)]
-    unexpected = [k for k in state_dict if k not in own and not is_head(k)]
+    head_prefix = f"{head}."
+    heads = {k: v for k, v in own.items() if k.startswith(head_prefix)}
+    body = {k: v for k, v in state_dict.items() if not k.startswith(head_prefix)}
+    missing = [k for k in own if k not in body and k not in heads]
+    unexpected = [k for k in body if k not in own]
     wrong = [
-        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state_dict and state_dict[k].shape != v.shape and not is_head(k)
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in body.items()
+        if k in own and v.shape != own[k].shape
     ]
     if missing or unexpected or wrong:
-        problems = [
-            f"{what} {names[:4]}"
-            for what, names in (
-                ("missing", missing),
-                ("unexpected", unexpected),
-                ("shape file vs model", wrong),
-            )
-            if names
-        ]
         raise CheckpointError(
-            f"{source} does not fit {type(model).__name__}: "
-            + "; ".join(problems)
-            + " (is it a checkpoint of this architecture and size?)"
+            f"{source} does not fit {type(model).__name__}: missing {missing[:4]}, unexpected "
+            f"{unexpected[:4]}, shapes file vs model {wrong[:4]} (is it a checkpoint of this "
+            f"architecture and size?)"
         )
-    head_keys = [k for k in own if is_head(k)]
-    if head_keys and not all(
-        k in state_dict and state_dict[k].shape == own[k].shape for k in head_keys
-    ):
-        shapes = [tuple(state_dict[k].shape) for k in head_keys if k in state_dict]
+    if all(k in state_dict and state_dict[k].shape == v.shape for k, v in heads.items()):
+        body.update({k: state_dict[k] for k in heads})
+    else:
+        shapes = [tuple(state_dict[k].shape) for k in heads if k in state_dict]
         warnings.warn(
             f"head not loaded from {source} (file {shapes or 'none'}, model "
-            f"{[tuple(own[k].shape) for k in head_keys]}): it starts from its initialisation",
+            f"{[tuple(v.shape) for v in heads.values()]}): it starts from its initialisation",
             stacklevel=3,
         )
-        state_dict = {k: v for k, v in state_dict.items() if not is_head(k)}
-    model.load_state_dict(state_dict, strict=False)
+    model.load_state_dict(body, strict=False)
     return model
 
 
 def convert_npz(arrays):
-    """Google's .npz names and layouts -> this model's (timm's) state dict. pre_logits is dropped."""
-    prefix = next(
-        (k[: -len("embedding/kernel")] for k in arrays if k.endswith("embedding/kernel")), None
-    )
+    """Google's .npz names and layouts -> this model's (timm's) state dict, less pre_logits."""
+    prefix = next((k[:-16] for k in arrays if k.endswith("embedding/kernel")), None)
     if prefix is None:
-        raise KeyError("no 'embedding/kernel' array")
+        raise KeyError("embedding/kernel")
     a = {
         k[len(prefix) :]: torch.from_numpy(np.asarray(v, dtype=np.float32))
         for k, v in arrays.items()
@@ -342,40 +277,31 @@ def convert_npz(arrays):
         "norm.bias": a["Transformer/encoder_norm/bias"],
     }
     if "head/kernel" in a:
-        sd["head.weight"], sd["head.bias"] = a["head/kernel"].T, a["head/bias"]
+        sd["head.weight"] = a["head/kernel"].T
+        sd["head.bias"] = a["head/bias"]
     i = 0
     while f"Transformer/encoderblock_{i}/LayerNorm_0/scale" in a:
-        src, dst = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
+        src = f"Transformer/encoderblock_{i}/"
+        dst = f"blocks.{i}."
         att = src + "MultiHeadDotProductAttention_1/"
-        qkv = [
-            a[f"{att}{n}/kernel"] for n in ("query", "key", "value")
-        ]  # (dim, heads, head_dim) each
-        sd.update(
-            {
-                dst + "norm1.weight": a[src + "LayerNorm_0/scale"],
-                dst + "norm1.bias": a[src + "LayerNorm_0/bias"],
-                dst + "attn.qkv.weight": torch.cat([k.flatten(1).T for k in qkv]),
-                dst + "attn.qkv.bias": torch.cat(
-                    [a[f"{att}{n}/bias"].flatten() for n in ("query", "key", "value")]
-                ),
-                dst + "attn.proj.weight": a[att + "out/kernel"]
-                .flatten(0, 1)
-                .T,  # (heads, head_dim, dim)
-                dst + "attn.proj.bias": a[att + "out/bias"],
-                dst + "norm2.weight": a[src + "LayerNorm_2/scale"],
-                dst + "norm2.bias": a[src + "LayerNorm_2/bias"],
-                dst + "mlp.fc1.weight": a[src + "MlpBlock_3/Dense_0/kernel"].T,
-                dst + "mlp.fc1.bias": a[src + "MlpBlock_3/Dense_0/bias"],
-                dst + "mlp.fc2.weight": a[src + "MlpBlock_3/Dense_1/kernel"].T,
-                dst + "mlp.fc2.bias": a[src + "MlpBlock_3/Dense_1/bias"],
-            }
-        )
+        qkv = ("query", "key", "value")  # kernels (dim, heads, head_dim), biases (heads, head_dim)
+        sd[dst + "attn.qkv.weight"] = torch.cat([a[f"{att}{n}/kernel"].flatten(1).T for n in qkv])
+        sd[dst + "attn.qkv.bias"] = torch.cat([a[f"{att}{n}/bias"].flatten() for n in qkv])
+        sd[dst + "attn.proj.weight"] = a[att + "out/kernel"].flatten(0, 1).T  # (heads, hd, dim)
+        sd[dst + "attn.proj.bias"] = a[att + "out/bias"]
+        for ours, theirs in (("norm1", "LayerNorm_0"), ("norm2", "LayerNorm_2")):
+            sd[f"{dst}{ours}.weight"] = a[f"{src}{theirs}/scale"]
+            sd[f"{dst}{ours}.bias"] = a[f"{src}{theirs}/bias"]
+        for ours, theirs in (("mlp.fc1", "MlpBlock_3/Dense_0"), ("mlp.fc2", "MlpBlock_3/Dense_1")):
+            sd[f"{dst}{ours}.weight"] = a[f"{src}{theirs}/kernel"].T  # Dense kernels are (in, out)
+            sd[f"{dst}{ours}.bias"] = a[f"{src}{theirs}/bias"]
         i += 1
     return sd
 
 
 def resize_pos_embed(pos_embed, num_patches):
-    """Interpolate the patch-grid part of (1, 1 + g*g, d) position embeddings to num_patches; keep cls."""
+    """Interpolate the patch-grid part of (1, 1 + g*g, d) position embeddings to num_patches; keep
+    cls."""
     cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
     old, new = int(grid.shape[1] ** 0.5), int(num_patches**0.5)
     grid = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2)
@@ -384,29 +310,42 @@ def resize_pos_embed(pos_embed, num_patches):
 
 
 def read_checkpoint(path):
-    """A state dict from a Google .npz or a torch file (see read_state_dict)."""
-    if not str(path).endswith(".npz"):
-        return read_state_dict(path)
+    """The state dict in a weights file: a Google .npz (converted to timm's names), or a torch file
+    (.pth, .bin, .pt), also when nested under 'model' or 'state_dict' (Microsoft's layout)."""
     try:
-        with np.load(path) as arrays:
-            arrays = dict(arrays)  # reads every array: a truncated one fails here
+        if str(path).endswith(".npz"):
+            with np.load(path) as arrays:
+                state_dict = dict(arrays)  # reads every array: a truncated one fails here
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch warns about a pickle it then refuses
+                state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
-    except Exception:  # numpy's words (a pickle it will not load, a bad zip) would not say why
-        raise CheckpointError(
-            f"{path}: unreadable as a Google ViT .npz: it is {describe_file(path)}"
-        ) from None
-    try:
-        return convert_npz(arrays)
-    except KeyError as e:
-        raise CheckpointError(f"{path}: not a Google ViT checkpoint: it has no array {e}") from None
+    except Exception as e:  # torch's or numpy's own words: the first line says what is wrong
+        reason = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise CheckpointError(f"{path}: unreadable ({reason})") from None
+    if str(path).endswith(".npz"):
+        try:
+            return convert_npz(state_dict)
+        except KeyError as e:
+            raise CheckpointError(f"{path}: not a Google ViT checkpoint: no array {e}") from None
+    for key in ("model", "state_dict"):
+        if isinstance(state_dict, dict):
+            state_dict = state_dict.get(key, state_dict)
+    if not isinstance(state_dict, dict) or not all(map(torch.is_tensor, state_dict.values())):
+        raise CheckpointError(f"{path}: holds no state dict of tensors")
+    return state_dict
 
 
 def load_pretrained(model, path):
-    """Load a Google .npz or a timm-style ViT state dict into `model` (ARC or plain), resizing position
-    embeddings when the image size differs from the checkpoint's. "auto": the published checkpoint of the
-    model's size (URLS), downloaded once."""
-    path = published(model, CONFIGS, URLS) if path == "auto" else path
+    """Load a Google .npz or a timm-style ViT state dict into `model` (ARC or plain), resizing
+    position embeddings when the image size differs from the checkpoint's. "auto": the published
+    checkpoint of the model's size (URLS); "augreg": Google's AugReg one (AUGREG_URLS); downloaded
+    once."""
+    published_urls = {"auto": URLS, "augreg": AUGREG_URLS}
+    if path in published_urls:
+        path = published(model, CONFIGS, published_urls[path])
     sd = read_checkpoint(path)
     pos = sd.get("pos_embed")
     if (
@@ -415,8 +354,8 @@ def load_pretrained(model, path):
         and pos.shape != model.pos_embed.shape
     ):
         warnings.warn(
-            f"position embeddings resized from {pos.shape[1] - 1} to {model.pos_embed.shape[1] - 1} "
-            f"patches",
+            f"position embeddings resized from {pos.shape[1] - 1} to "
+            f"{model.pos_embed.shape[1] - 1} patches",
             stacklevel=2,
         )
         sd["pos_embed"] = resize_pos_embed(pos, model.pos_embed.shape[1] - 1)
