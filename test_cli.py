@@ -377,7 +377,7 @@ def test_out_that_is_a_file_or_cannot_be_written(tmp_path, capsys):
     )
     if os.path.exists("/sys/kernel"):  # sysfs: no folder can be made there, not even by root
         fails_with_one_line(
-            quick_run_args("/sys/arc_run"), capsys, "--out /sys/arc_run", "cannot write in /sys"
+            quick_run_args("/sys/arc_run"), capsys, "--out /sys/arc_run", "cannot write there"
         )
 
 

@@ -22,7 +22,7 @@ from conftest import (
     file_hashes,
     metrics,
     run_train,
-    stop_at_call,
+    signal_at_step,
     write_image_folder,
 )
 
@@ -95,7 +95,7 @@ def test_a_suite_runs_its_tasks_resumes_and_reports_the_paper_s_means(
     with (
         monkeypatch.context() as patch
     ):  # Ctrl-C in the second task's first epoch (each has 1 step an epoch)
-        patch.setattr(runs.StopFlag, "is_set", stop_at_call(2 + 2 + 1))
+        patch.setattr(train, "lr_at", signal_at_step(2 + 1))
         assert run_train(*args) == 128 + signal.SIGINT
     assert f"--resume {out}" in capsys.readouterr().err
     assert list(json.loads((out / "results.json").read_text())["tasks"]) == ["dtd"]
@@ -220,12 +220,15 @@ def test_results_give_the_paper_s_group_means_and_overall_mean(tmp_path):
     # the paper's own per-task figures must give back its Table 1 means: 81.6, 85.8, 60.0 and 73.4 (the mean
     # of the 19 tasks, not of the three groups)
     results = {
-        task: {
-            "final": paper.ACCURACY[task],
-            "best": paper.ACCURACY[task],
-            "trainable": 1,
-            "seconds": {"training": 1, "testing": 1},
-        }
+        task: [
+            {
+                "final": paper.ACCURACY[task],
+                "best": paper.ACCURACY[task],
+                "trainable": 1,
+                "seconds": {"training": 1, "testing": 1},
+                "seed": 42,
+            }
+        ]
         for task in data.SUITES["vtab-1k"]
     }
     paper.write_results(str(tmp_path), results, "vit_b16", "arc")
