@@ -354,8 +354,8 @@ def trained(path):
 
 
 def signal_at_step(n, signum=signal.SIGINT):
-    """A train.lr_at that sends `signum` to this process at its n-th call: at the n-th training step,
-    through train.py's own signal handler, as a Ctrl-C (SIGINT) or a kill (SIGTERM) would."""
+    """A train.lr_at that sends `signum` to this process at its n-th call: at the n-th training
+    step, through train.py's own signal handler, as a Ctrl-C (SIGINT) or a kill (SIGTERM) would."""
     calls = []
     lr_at = train.lr_at
 

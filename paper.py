@@ -2,10 +2,10 @@
 of a run; the paper's accuracies; suites of tasks run one after another into one folder, with the
 results table beside the paper's.
 
-    recipe("cub", "vit_b16")      # ("FGVC cub (FGVC_ARC_train.py)", {"lr": 1e-3, "weight_decay": 0.05, ...})
+    recipe("cub", "vit_b16")   # ("FGVC cub (FGVC_ARC_train.py)", {"lr": 1e-3, ...})
     settings({"data": "cub", "lr": 2e-3})   # every setting of a run, and where it came from
-    suite_tasks("vtab-1k")        # the 19 VTAB-1k tasks in the paper's order; "dtd,eurosat" -> a list of two
-    run_suite(given, out, ctx, resume, run_task)   # train.py's --data vtab-1k: results.md and results.json
+    suite_tasks("vtab-1k")     # the 19 VTAB-1k tasks in the paper's order; "dtd,eurosat": two
+    run_suite(given, seeds, out, ctx, resume, run_task)   # --data vtab-1k, --seeds N: results
 
 The recipes are what the official scripts ran (ARC.md sections 3 and 7), also where that differs
 from the paper's text: the README says where.
@@ -187,62 +187,49 @@ def run_suite(given, seeds, out, ctx, resume, run_task):
     returns its result; results.md and results.json after every run. Resumed, a suite skips finished
     runs and continues the others; options given then apply to this invocation (suite.json keeps the
     ones the suite started with)."""
-    with owned(out, fresh=not resume) if ctx.rank == 0 else contextlib.nullcontext():
-        suite, plan = plan_suite(given, seeds, out, ctx, resume)
-        results = {}
-        for task, folder, options, resume_from in plan:
-            done = not resume_from and finished(folder, options.get("epochs"))
-            result = done["result"] if done else run_task(options, folder, ctx, resume_from)
-            name = os.path.basename(os.path.normpath(task))  # a folder by its name
-            results.setdefault(name, []).append({**result, "seed": options["seed"]})
-            if ctx.rank == 0:
-                write_results(out, results, suite["model"], suite["method"], suite["weights"])
-    return results
-
-
-def plan_suite(given, seeds, out, ctx, resume):
-    """The suite's settings, and [(task, folder, options, the folder to resume or None)] of each of
-    its runs, once their data is checked. suite.json keeps the options the suite started with; a
-    started run keeps its own."""
     suite_file = os.path.join(out, "suite.json")
-    stored = read_suite(suite_file, out) if resume else {}
+    stored = read_suite(suite_file, out) if resume else {"seeds": 1}
     if resume and given.get("data", stored["data"]) != stored["data"]:
-        raise UserError(
-            f"--resume {out} is the suite --data {stored['data']}, not --data {given['data']}"
-        )
-    options = {"data_dir": os.path.abspath(DEFAULTS["data_dir"]), "seeds": 1, **stored, **given}
-    options["seeds"] = seeds or options["seeds"]
-    listed = suite_tasks(options["data"])  # else a single task, run with several seeds
-    tasks = listed or [options["data"]]
-    base_seed = options.get("seed", DEFAULTS["seed"])
-    plan = []
-    for task in tasks:
-        for seed in range(base_seed, base_seed + options["seeds"]):
-            folder = os.path.join(out, os.path.basename(os.path.normpath(task))) if listed else out
-            if options["seeds"] > 1:
-                folder = os.path.join(folder, f"seed{seed}")
-            run_options = {key: value for key, value in options.items() if key != "seeds"}
-            started = os.path.exists(os.path.join(folder, "checkpoint.pth"))
-            if started:  # a started run keeps its own settings, but for what this command gives
-                run_options = {"data_dir": options["data_dir"], **given}
-            plan.append(
-                (task, folder, {**run_options, "data": task, "seed": seed}, started and folder)
-            )
-    missing = {
+        raise UserError(f"--resume {out} is the suite --data {stored['data']}, not {given['data']}")
+    seeds = seeds or stored.pop("seeds")
+    options = {"data_dir": os.path.abspath(DEFAULTS["data_dir"]), **stored, **given}
+    listed = suite_tasks(options["data"])  # else one task, run with several seeds
+    first_seed = options.get("seed", DEFAULTS["seed"])
+    plan = []  # (task, seed, folder) of each run
+    for task in listed or [options["data"]]:
+        task_folder = os.path.join(out, os.path.basename(os.path.normpath(task))) if listed else out
+        for seed in range(first_seed, first_seed + seeds):
+            folder = os.path.join(task_folder, f"seed{seed}") if seeds > 1 else task_folder
+            plan.append((task, seed, folder))
+    missing = {  # a finished run needs no data
         task: data.missing(task, options["data_dir"])
-        for task, folder, run_options, _ in plan  # a finished run needs none
-        if not finished(folder, run_options.get("epochs"))
+        for task, _, folder in plan
+        if not finished(folder, options.get("epochs"))
     }
     if any(missing.values()):
         absent = ", ".join(f"{task} ({path} is missing)" for task, path in missing.items() if path)
-        others = ",".join(task for task in tasks if not missing.get(task))
+        others = ",".join(task for task in listed or [] if not missing.get(task))
         raise UserError(
-            f"no data for {sum(map(bool, missing.values()))} of the {len(tasks)} tasks: {absent}. "
-            f"Put it there, or run the others: --data {others}"
+            f"no data for {sum(map(bool, missing.values()))} of the {len(listed or [1])} tasks: "
+            f"{absent}. Put it there, or run the others: --data {others}"
         )
-    if ctx.rank == 0 and not resume:
-        save_atomic(json.dumps(options, indent=1), suite_file)
-    return {**DEFAULTS, **options}, plan
+    suite = {**DEFAULTS, **options}
+    results = {}
+    with owned(out, fresh=not resume) if ctx.rank == 0 else contextlib.nullcontext():
+        if ctx.rank == 0 and not resume:
+            save_atomic(json.dumps({**options, "seeds": seeds}, indent=1), suite_file)
+        for task, seed, folder in plan:
+            started = os.path.exists(os.path.join(folder, "checkpoint.pth"))
+            done = not started and finished(folder, options.get("epochs"))
+            run_options = {**options, "data": task, "seed": seed}
+            result = (
+                done["result"] if done else run_task(run_options, folder, ctx, started and folder)
+            )
+            name = os.path.basename(os.path.normpath(task))  # a folder by its name
+            results.setdefault(name, []).append({**result, "seed": seed})
+            if ctx.rank == 0:
+                write_results(out, results, suite["model"], suite["method"], suite["weights"])
+    return results
 
 
 def read_suite(path, out):

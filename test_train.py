@@ -1,7 +1,9 @@
-"""Tests of training: the step and the loop, resume and signals, checkpoints, and torchrun on the CPU."""
+"""Tests of training: the step and the loop, resume and signals, checkpoints, and torchrun on the
+CPU."""
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -33,11 +35,13 @@ from conftest import (
     tiny_vit,
     trained,
     write_dtd_release,
+    write_image_folder,
     write_vtab_with_broken_images,
 )
 
-# ---------------------------------------------------------------------------------------------------
-# The step and the loop (train.py): learning runs, device reads, bf16, batch shares, NaN, recipes, the fold check
+# --------------------------------------------------------------------------------------------------
+# The step and the loop (train.py): learning runs, device reads, bf16, batch shares, NaN, recipes,
+# the fold check
 
 
 def test_a_synthetic_run_learns_and_folds(synthetic_run):
@@ -153,8 +157,8 @@ def test_training_reads_device_values_once_an_epoch_not_once_a_step(tmp_path, mo
     assert (
         run_train(*TINY_RUN, "--out", tmp_path / "run") == 0
     )  # 2 epochs of 16 steps, evaluated each epoch
-    # per epoch: the loss and the accuracy; at the end: the folding check. A read per step (a host sync on a
-    # GPU) would add 32.
+    # per epoch: the loss and the accuracy; at the end: the folding check. A read per step (a host
+    # sync on a GPU) would add 32.
     assert len(reads) == 2 * 2 + 1, reads
 
 
@@ -375,8 +379,9 @@ def test_the_official_swin_placement_trains_and_keeps_its_adapters_unfolded(
     )
 
 
-# ---------------------------------------------------------------------------------------------------
-# Resume and signals (runs.py): Ctrl-C and SIGTERM, bitwise resumes, extensions, checkpoints, metrics.jsonl
+# --------------------------------------------------------------------------------------------------
+# Resume and signals (runs.py): Ctrl-C and SIGTERM, bitwise resumes, extensions, checkpoints,
+# metrics.jsonl
 
 
 def test_an_interrupted_run_resumes_to_the_same_weights(
@@ -398,9 +403,9 @@ def test_an_interrupted_run_resumes_to_the_same_weights(
 
 
 def test_an_fgvc_run_with_random_crops_learns_and_resumes_exactly(tmp_path, monkeypatch, capsys):
-    # FGVC trains on random crops of images decoded once; each crop depends on (epoch, image) alone, so a
-    # resumed run sees the same crops.
-    # --precision fp32: the bitwise resume in float32 (the other resume tests run the default, bf16 here)
+    # FGVC trains on random crops of images decoded once; each crop depends on (epoch, image) alone,
+    # so a resumed run sees the same crops. --precision fp32: the bitwise resume in float32 (the
+    # other resume tests run the default, bf16 here)
     args = [*fgvc_cars(tmp_path, 48), "--epochs", "3", "--workers", "2", "--precision", "fp32"]
     assert run_train(*args, "--out", tmp_path / "straight") == 0
     history = metrics(tmp_path / "straight")
@@ -647,7 +652,7 @@ def test_a_run_is_finished_until_it_is_continued_and_when_it_folded_where_it_cou
     assert runs.finished(tmp_path)["epochs"] == 2  # deleted once the run finished
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Several processes: torchrun on the CPU trains what one process trains
 
 
@@ -672,7 +677,8 @@ def torchrun(args, nproc=2):
 
 
 def test_two_processes_train_the_same_weights_as_one_even_when_one_gets_an_empty_share(tmp_path):
-    # an FGVC set: 33 images in batches of 8, so the last batch has one image and the second process gets none
+    # an FGVC set: 33 images in batches of 8, so the last batch has one image and the second process
+    # gets none
     args = [
         *fgvc_cars(tmp_path, 33),
         "--epochs",
@@ -700,8 +706,8 @@ def test_two_processes_train_the_same_weights_as_one_even_when_one_gets_an_empty
 
 
 def test_two_processes_draw_their_own_dropout_masks_and_a_stopped_run_resumes_bitwise(tmp_path):
-    # torchrun runs a script that records the first dropout mask each process draws in training and, with
-    # STOP_AT, sends SIGTERM to both processes in epoch 2. Adapter dropout: the recipe's 0.1
+    # torchrun runs a script that records the first dropout mask each process draws in training and,
+    # with STOP_AT, sends SIGTERM to both processes in epoch 2. Adapter dropout: the recipe's 0.1
     script = tmp_path / "recording.py"
     script.write_text(f"""import os, signal, sys, torch
 sys.path.insert(0, {HERE!r})
@@ -711,7 +717,8 @@ dropout, calls = torch.nn.Dropout.forward, []
 def recording(self, x):
     y = dropout(self, x)
     mask = os.path.join(out, "mask" + os.environ["RANK"] + ".pt")
-    if self.training and self.p > 0 and x.ne(0).any() and not os.path.exists(mask):  # (c_att starts at 0)
+    # (c_att starts at 0)
+    if self.training and self.p > 0 and x.ne(0).any() and not os.path.exists(mask):
         torch.save((y == 0) & (x != 0), mask)
     return y
 lr_at = train.lr_at
@@ -766,3 +773,269 @@ train.main()
     )
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)  # bitwise
     assert [m["epoch"] for m in metrics(tmp_path / "cut")] == [1, 2]
+
+
+# --------------------------------------------------------------------------------------------------
+# A run folder's owner, signals outside the loop, where train.py runs from
+
+
+def hold_lock(folder):
+    """Another process's lock on a run folder, as a running train.py holds it: a child that takes
+    the lock and waits. Returns the child (kill it to let the lock go)."""
+    os.makedirs(folder, exist_ok=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(600)",
+            os.path.join(folder, ".lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline() == "locked\n"
+    return holder
+
+
+def test_a_run_folder_has_one_owner_and_a_killed_owner_leaves_no_lock(
+    synthetic_run, tmp_path, capsys
+):
+    fresh, running = tmp_path / "fresh", tmp_path / "running"
+    shutil.copytree(synthetic_run, running)
+    os.remove(running / "adapters.pth")  # a run in its last epoch
+    holders = [hold_lock(fresh), hold_lock(running)]
+    try:
+        fails_with_one_line([*TINY_RUN, "--out", fresh], capsys, fresh, "in use by another")
+        fails_with_one_line(
+            ["--resume", running, "--workers", "0"], capsys, running, "in use by another"
+        )
+    finally:
+        for holder in holders:
+            holder.kill()  # as SIGKILL or a crash ends a run: the kernel lets its lock go
+            holder.wait()
+    assert run_train("--resume", running, "--workers", "0") == 0
+    assert run_train(*TINY_RUN, "--epochs", "1", "--warmup-epochs", "0", "--out", fresh) == 0
+
+
+def test_saves_write_a_temporary_file_of_their_own_and_flush_it_before_the_rename(
+    tmp_path, monkeypatch
+):
+    calls = []
+    mkstemp, fsync, replace = runs.tempfile.mkstemp, runs.os.fsync, runs.os.replace
+    monkeypatch.setattr(runs.tempfile, "mkstemp", lambda *a: calls.append("mkstemp") or mkstemp(*a))
+    monkeypatch.setattr(runs.os, "fsync", lambda fd: calls.append("fsync") or fsync(fd))
+    monkeypatch.setattr(
+        runs.os, "replace", lambda *a: calls.append(("replace", *map(str, a))) or replace(*a)
+    )
+    target = str(tmp_path / "checkpoint.pth")
+    runs.save_atomic({"history": [1]}, target)
+    runs.save_atomic("text\n", target + ".txt")
+    temporaries = [call[1] for call in calls if call[0] == "replace"]
+    assert calls[:2] == ["mkstemp", "fsync"] and calls[3:5] == ["mkstemp", "fsync"]
+    assert len(set(temporaries)) == 2 and all(t.endswith(".tmp") for t in temporaries)
+    assert torch.load(target, weights_only=True) == {"history": [1]}
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "checkpoint.pth.txt"]
+
+
+def test_sighup_stops_a_run_as_sigterm_does(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "lr_at", signal_at_step(16 + 2, signal.SIGHUP))
+        assert run_train(*TINY_RUN, "--out", out) == 128 + signal.SIGHUP
+    assert "stopped by SIGHUP" in capsys.readouterr().err
+    assert [m["epoch"] for m in metrics(out)] == [1]
+    assert run_train("--resume", out, "--workers", "0") == 0
+    assert [m["epoch"] for m in metrics(out)] == [1, 2]
+
+
+def test_a_stop_while_folded_pth_is_written_leaves_no_temporary_file_and_resumes(
+    tmp_path, monkeypatch, capsys
+):
+    out, fsync = tmp_path / "run", runs.os.fsync
+
+    def stopped_while_folding(handle):
+        if any(name.startswith("folded.pth.") for name in os.listdir(out)):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return fsync(handle)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runs.os, "fsync", stopped_while_folding)
+        assert run_train(*TINY_RUN, "--out", out) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == [".lock", "checkpoint.pth", "metrics.jsonl"]
+    assert run_train("--resume", out, "--workers", "0") == 0  # the epochs are done: it folds
+    assert (out / "folded.pth").exists() and (out / "adapters.pth").exists()
+
+
+def test_sigterm_just_after_saved_leaves_a_finished_run_finished(tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "train.py", *TINY_RUN, "--epochs", "1", "--warmup-epochs", "0"]
+        + ["--out", str(out)],
+        cwd=HERE,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    for line in process.stdout:
+        if line.startswith("saved"):
+            process.send_signal(signal.SIGTERM)
+            process.send_signal(signal.SIGINT)
+            break
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0 and "Traceback" not in stderr, stderr
+    assert (out / "adapters.pth").exists()
+
+
+def test_no_traceback_for_a_closed_pipe_an_ascii_terminal_or_a_long_tmpdir(tmp_path):
+    long_tmp = tmp_path / ("t" * 120)
+    long_tmp.mkdir()
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONIOENCODING": "ascii",
+        "TMPDIR": str(long_tmp),
+    }
+    images = write_image_folder(tmp_path / "images")
+    args = [*TINY_RUN, "--epochs", "1", "--warmup-epochs", "0"]
+    args[args.index("synthetic")] = str(images)
+    # train.py itself keeps no file under TMPDIR (the decoding processes' sockets are data.py's)
+    ran = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            *args,
+            "--out",
+            str(tmp_path / "caf\u00e9 \u00e0 la cr\u00e8me"),
+        ],
+        cwd=HERE,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ran.returncode == 0 and "Traceback" not in ran.stderr, ran.stderr
+    assert "caf\\xe9" in ran.stdout  # the path, escaped for an ASCII terminal
+    piped = subprocess.run(  # `| head -2`: the reader goes away, the run goes on unseen
+        f"{shlex.quote(sys.executable)} train.py {shlex.join(TINY_RUN)} --epochs 1 "
+        f"--warmup-epochs 0 --out {shlex.quote(str(tmp_path / 'piped'))} | head -2",
+        shell=True,
+        cwd=HERE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert len(piped.stdout.splitlines()) == 2 and piped.stderr == "", piped.stderr
+    assert (tmp_path / "piped" / "adapters.pth").exists()
+
+
+@pytest.mark.parametrize("what", ["a data/ folder", "a data.py"])
+def test_the_project_s_modules_are_found_whatever_the_current_folder_holds(tmp_path, what):
+    here = tmp_path / "here"
+    (here / "data").mkdir(parents=True)  # the default --data-dir's name
+    if what == "a data.py":
+        (here / "data.py").write_text("raise SystemExit('the current folder data.py ran')\n")
+    images = write_image_folder(tmp_path / "images")
+    args = [*TINY_RUN, "--epochs", "1", "--warmup-epochs", "0", "--out", here / "run"]
+    args[args.index("synthetic")] = images
+    args[args.index("--workers") + 1] = "2"  # decoding processes import data.py too
+    ran = subprocess.run(
+        [sys.executable, os.path.join(HERE, "train.py"), *map(str, args)],
+        cwd=here,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ran.returncode == 0 and "Traceback" not in ran.stderr, ran.stderr
+    saved = torch.load(here / "run" / "adapters.pth", weights_only=True)["config"]
+    assert saved["data_dir"] == str(here / "data")  # the default --data-dir, stored absolute
+
+
+def test_a_fold_that_changes_the_logits_or_meets_nan_is_an_error_not_a_line(capsys):
+    model = randomize_arc(tiny_vit(num_classes=5, arc="arc"))
+    split = SimpleNamespace(images=torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8))
+    assert "(they agree)" in train.fold_and_compare(model, split, torch.device("cpu"))
+    broken = randomize_arc(tiny_vit(num_classes=5, arc="arc"))
+    with torch.no_grad():
+        next(p for n, p in broken.named_parameters() if "adapter" in n).fill_(float("nan"))
+    with pytest.raises(train.UserError, match="nan or infinite"):
+        train.fold_and_compare(broken, split, torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Precision: bf16 where the hardware computes it natively, the same in training and testing
+
+
+@pytest.mark.parametrize(
+    "device, native, expected",
+    [("cpu", True, "bf16"), ("cpu", False, "fp32"), ("cuda", False, "bf16")],
+)
+def test_auto_precision_follows_the_hardware(monkeypatch, device, native, expected):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    precision, why = train.auto_precision(torch.device(device))
+    assert precision == expected and why.startswith("auto: ")
+    cfg, sources, _ = train.paper.settings({"data": "dtd"}, None, (precision, why))
+    assert (cfg.precision, sources["precision"]) == (expected, why)
+    cfg, sources, _ = train.paper.settings({"data": "dtd"}, vars(cfg), ("fp32", "auto: other"))
+    assert (cfg.precision, sources["precision"]) == (expected, "run")  # a resume keeps it
+
+
+def test_a_bf16_cpu_step_agrees_with_the_float32_step():
+    images = torch.randn(16, 3, 32, 32)
+    labels = torch.arange(16) % 5
+    losses, gradients = {}, {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)  # the same model twice
+        model = randomize_arc(tiny_vit(num_classes=5, arc="arc"))
+        with torch.no_grad():  # ARC's tensors at about a trained run's size (std 0.1)
+            for name in arc.arc_state_dict(model):
+                model.get_parameter(name).mul_(0.2)
+        arc.mark_trainable(model)
+        with train.autocast(torch.device("cpu"), precision):
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        losses[precision] = loss.item()
+        gradients[precision] = torch.cat(
+            [p.grad.flatten() for p in model.parameters() if p.requires_grad]
+        )
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.01)
+    cosine = torch.nn.functional.cosine_similarity(gradients["bf16"], gradients["fp32"], dim=0)
+    assert cosine > 0.99
+
+
+def test_the_precision_is_stated_first_recorded_and_kept_on_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [*TINY_RUN, "--epochs", "1", "--warmup-epochs", "0", "--precision", "fp32"]
+    assert run_train(*args, "--out", out) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "precision fp32 (command line)" in first
+    assert torch.load(out / "adapters.pth", weights_only=True)["config"]["precision"] == "fp32"
+    assert run_train("--resume", out, "--epochs", "2", "--workers", "0") == 0
+    assert "precision fp32 (run)" in capsys.readouterr().out.splitlines()[0]
+    assert run_train("--eval-only", "--checkpoint", out / "adapters.pth", "--workers", "0") == 0
+    assert ", fp32: test accuracy" in capsys.readouterr().out  # testing uses it too
+
+
+def test_augreg_weights_are_the_cached_augreg_file_and_only_for_vit_b16(
+    tmp_path, monkeypatch, vit_b16_npz, capsys
+):
+    hub = tmp_path / "torch_home" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    os.symlink(vit_b16_npz[0], hub / os.path.basename(vit.AUGREG_URLS["vit_b16"]))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(
+        torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download")
+    )
+    images = write_image_folder(tmp_path / "images")
+    args = [*TINY_RUN, "--epochs", "1", "--warmup-epochs", "0", "--img-size", "32"]
+    args[args.index("synthetic")] = images
+    args[args.index("vit_t16")] = "vit_b16"
+    args[args.index("none")] = "augreg"
+    assert run_train(*args, "--out", tmp_path / "run") == 0
+    assert torch.load(tmp_path / "run" / "adapters.pth")["config"]["weights"] == "augreg"
+    args[args.index("vit_b16")] = "vit_t16"
+    fails_with_one_line([*args, "--out", tmp_path / "t16"], capsys, "--weights augreg", "vit_b16")

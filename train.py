@@ -27,7 +27,6 @@ import datetime
 import json
 import math
 import os
-import shlex
 import signal
 import sys
 import time
@@ -48,35 +47,33 @@ import swin
 import vit
 from runs import UserError, flag, fmt_time
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = {name: getattr(module, name) for module in (vit, swin) for name in module.CONFIGS}
 URLS = {**vit.URLS, **swin.URLS}  # the published checkpoint of each model: --weights auto
 NAMED_WEIGHTS = ("auto", "augreg", "none")
-# The ranges of the numbers: beyond them a run would fail later, or mean nothing
-BOUNDS = {
-    "rank": (1, 4096),
-    "batch_size": (1, 65536),
-    "epochs": (1, 100_000),
-    "warmup_epochs": (0, 100_000),
-    "img_size": (16, 4096),
-    "seed": (0, 2**31 - 1),
-    "eval_every": (1, 100_000),
-    "workers": (0, 256),
-    "seeds": (1, 100),
-    "lr": (0, 10),
-    "weight_decay": (0, 10),
-    "adapter_dropout": (0, 0.99),
-    "vit_dropout": (0, 0.99),
-    "drop_path": (0, 0.99),
+# The numeric options: their ranges (beyond them a run would fail later, or mean nothing), of the
+# type of their bounds, and their help
+NUMBERS = {
+    "rank": (1, 4096, "ARC bottleneck r"),
+    "adapter_dropout": (0.0, 0.99, "dropout on the adapters' bottleneck"),
+    "vit_dropout": (0.0, 0.99, "ViT dropout after the position embedding and in the MLP"),
+    "drop_path": (0.0, 0.99, "Swin stochastic depth at the last block, from 0 at the first"),
+    "lr": (0.0, 10.0, "AdamW peak learning rate: 0.01 on VTAB-1k with a ViT"),
+    "weight_decay": (0.0, 10.0, "AdamW weight decay: 0 on VTAB-1k with a ViT"),
+    "batch_size": (1, 65536, "global batch, over all processes"),
+    "epochs": (1, 100_000, "training epochs"),
+    "warmup_epochs": (0, 100_000, "linear warm-up, then cosine decay, per step: 10"),
+    "img_size": (16, 4096, "input resolution"),
+    "seed": (0, 2**31 - 1, "the same seed on the same CPU gives the same run"),
+    "seeds": (1, 100, "run each task this many times, seeds --seed, --seed + 1, ..."),
+    "eval_every": (1, 100_000, "test every N epochs, and after the last"),
+    "workers": (0, 256, "image decoding processes"),
 }
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Stopped(Exception):
-    """A stop asked for by a signal: raised at once, wherever the run is."""
-
-    def __init__(self, signum):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+    """A stop asked for by a signal (its number): raised at once, wherever the run is."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,45 +116,30 @@ def parse_args(argv=None):
         "augreg (vit_b16: Google's AugReg ImageNet-21k, the paper's ARC*), a path, or none",
     )
     option("--method", help="what trains", choices=["arc", "arc_att", "linear", "full"])
-    option("--rank", help="ARC bottleneck r", type=int)
-    option("--adapter-dropout", help="dropout on the adapters' bottleneck", type=float)
-    option("--vit-dropout", help="ViT dropout after the position embedding, in the MLP", type=float)
-    option(
-        "--drop-path",
-        help="Swin stochastic depth at the last block, from 0 at the first",
-        type=float,
-    )
     option(
         "--swin-ffn-adapter",
         help="norm2 (foldable), or residual: on the residual stream, as the official ARC Swin",
         choices=["norm2", "residual"],
     )
-    option("--lr", help="AdamW peak learning rate: 0.01 on VTAB-1k with a ViT", type=float)
-    option("--weight-decay", help="AdamW weight decay: 0 on VTAB-1k with a ViT", type=float)
-    option("--batch-size", help="global batch, over all processes", type=int)
-    option("--epochs", help="training epochs", type=int)
-    option("--warmup-epochs", help="linear warm-up, then cosine decay, per step: 10", type=int)
-    option("--img-size", help="input resolution", type=int)
-    option("--seed", help="the same seed on the same CPU gives the same run", type=int)
-    option("--seeds", help="run each task this many times, seeds --seed, --seed + 1, ...", type=int)
-    option("--eval-every", help="test every N epochs, and after the last", type=int)
     option(
         "--precision",
         help="bf16 autocast, or fp32; auto: bf16 on a CUDA GPU or a CPU with native bf16",
         choices=["auto", "bf16", "fp32"],
     )
+    for key, (_, high, text) in NUMBERS.items():
+        option(flag(key), help=text, type=type(high))
     option("--out", help="output folder (default: runs/<data>_<model>_<method>)")
     option(
         "--device",
         help="cpu, cuda or cuda:N",
         default="cuda" if torch.cuda.is_available() else "cpu",
     )
-    option("--workers", help="image decoding processes", type=int, default=min(8, data.CORES))
     option("--resume", help="the folder of a run or suite to continue")
     option(
         "--eval-only", help="test --checkpoint (an adapters.pth or folded.pth)", action="store_true"
     )
     option("--checkpoint", help="for --eval-only")
+    parser.set_defaults(workers=min(8, data.CORES))
     args = parser.parse_args(argv)
     check_options(args, parser.error)
     for key in ("data_dir", "out", "resume", "checkpoint"):
@@ -177,7 +159,7 @@ def parse_args(argv=None):
 def check_options(args, error):
     """Numbers in their ranges, no empty path, a device this machine has, and options that go
     together; else error(message)."""
-    for key, (low, high) in BOUNDS.items():
+    for key, (low, high, _) in NUMBERS.items():
         value = getattr(args, key)
         if value is not None and not low <= value <= high:  # `not`: nan fails every comparison
             error(f"{flag(key)} {value} must be from {low} to {high}")
@@ -210,7 +192,7 @@ def run_task(given, out, ctx, resume=None):
     """One run into the folder `out`, fresh, or continued from `resume` (its folder or its
     checkpoint.pth); returns its result. The cheap checks come first (the settings, the data's
     presence, the folder), then the weights (perhaps a download), then the data's decoding."""
-    started = time.time()
+    on_stop_signals(stop)  # again: the suite's previous run ignores them once it has finished
     checkpoint = read_checkpoint(resume, ctx.world) if resume else None
     saved = checkpoint and checkpoint["config"]
     cfg, sources, recipe_name = paper.settings(given, saved, auto_precision(ctx.device))
@@ -237,10 +219,10 @@ def run_task(given, out, ctx, resume=None):
         raise UserError(f"--weights augreg is for {', '.join(vit.AUGREG_URLS)}, not {cfg.model}")
     data.check(cfg.data, cfg.data_dir)  # cheap: before anything is downloaded or decoded
     with runs.owned(out, fresh=not checkpoint) if ctx.rank == 0 else contextlib.nullcontext():
-        return train(cfg, out, ctx, checkpoint, started)
+        return train(cfg, out, ctx, checkpoint)
 
 
-def train(cfg, out, ctx, checkpoint, started):
+def train(cfg, out, ctx, checkpoint):
     """Data, model, optimizer and resume, the loop over epochs and steps, the fold, the files."""
     # Data: decoded once into memory, by every process for itself
     weights_path = first_on_each_machine(ctx, weights_file, cfg, ctx.log)
@@ -248,7 +230,10 @@ def train(cfg, out, ctx, checkpoint, started):
     if checkpoint:
         check_classes(checkpoint["config"]["classes"], task, f"--resume {out}: the run")
     train_data, test_data = data.Loader(task.train, ctx.device), data.Loader(task.test, ctx.device)
-    record = {**vars(cfg), "classes": task.classes, "folds": folds(cfg)}  # every file's settings
+    # every file's settings; all adapters fold into the weights but the official Swin's FFN ones
+    swin_residual = cfg.model.startswith("swin") and cfg.swin_ffn_adapter == "residual"
+    folds = not (cfg.method == "arc" and swin_residual)
+    record = {**vars(cfg), "classes": task.classes, "folds": folds}
 
     # Model: the pretrained backbone, frozen but for what the method trains
     model = prepare_model(cfg, task.num_classes, weights_path, ctx.log).to(ctx.device)
@@ -273,7 +258,6 @@ def train(cfg, out, ctx, checkpoint, started):
     cuda = ctx.device.type == "cuda"
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda)
     history = restore(checkpoint, cfg, model, optimizer, ctx, out) if checkpoint else []
-    setup_seconds = time.time() - started
 
     steps = math.ceil(len(train_data) / cfg.batch_size)
     progress = (
@@ -337,7 +321,6 @@ def train(cfg, out, ctx, checkpoint, started):
             log_epoch(ctx, metrics, cfg.epochs)
 
     # Fold: the adapters into the frozen weights, checked on float32 logits of test images
-    finish_started = time.time()
     tested = [m["test_acc"] for m in history if "test_acc" in m]
     trained = trained_tensors(model)
     result = {
@@ -345,7 +328,6 @@ def train(cfg, out, ctx, checkpoint, started):
         "best": max(tested),
         "trainable": sum(v.numel() for v in trained.values()),
         "seconds": {
-            "setup": round(setup_seconds, 1),
             "training": round(sum(m["train_s"] for m in history), 1),
             "testing": round(sum(m.get("test_s", 0) for m in history), 1),
         },
@@ -358,16 +340,16 @@ def train(cfg, out, ctx, checkpoint, started):
         )
     elif cfg.method in ("arc", "arc_att"):
         ctx.log(fold_and_compare(model, task.test, ctx.device))
-    result["seconds"]["finish"] = round(time.time() - finish_started, 1)
 
-    # Save: folded.pth, the plain architecture whatever the method; adapters.pth last: the run is
-    # done
+    # Save: folded.pth, the plain architecture whatever the method; then adapters.pth, last, with
+    # the stop signals ignored: once it is written the run has finished, and a stop changes nothing
     adapters, folded = os.path.join(out, "adapters.pth"), os.path.join(out, "folded.pth")
+    if ctx.rank == 0 and record["folds"]:
+        state = {k: v.cpu() for k, v in model.state_dict().items()}
+        folded_record = {**record, "method": "folded", "trained_with": cfg.method}
+        runs.save_atomic({"config": folded_record, "state_dict": state}, folded)
+    on_stop_signals(signal.SIG_IGN)
     if ctx.rank == 0:
-        if record["folds"]:
-            state = {k: v.cpu() for k, v in model.state_dict().items()}
-            folded_record = {**record, "method": "folded", "trained_with": cfg.method}
-            runs.save_atomic({"config": folded_record, "state_dict": state}, folded)
         runs.save_atomic({"config": record, "result": result, "state_dict": trained}, adapters)
         also = f" and {folded}" if record["folds"] else ""
         ctx.log(
@@ -410,7 +392,8 @@ def prepare_model(cfg, num_classes, weights_path, log):
     """The model of `cfg` with its pretrained weights, and only what its method trains trainable."""
     torch.manual_seed(cfg.seed)  # with --weights none the frozen backbone is the seed's random init
     model = build_model(cfg, num_classes)
-    with warnings_as_notes(log):  # the loaders' notes: a head left out, a resized grid
+    with warnings.catch_warnings(record=True) as notes:  # the loaders' notes: a head left out
+        warnings.simplefilter("always")
         try:
             if weights_path:
                 (vit if cfg.model.startswith("vit") else swin).load_pretrained(model, weights_path)
@@ -418,27 +401,14 @@ def prepare_model(cfg, num_classes, weights_path, log):
             named = cfg.weights in ("auto", "augreg")
             advice = f"; --weights {cfg.weights} downloaded it: delete it to download it again"
             raise UserError(f"--weights {e}{advice if named else ''}") from None
+    for note in notes:
+        log(f"note: {note.message}")
     if cfg.method in ("arc", "arc_att"):
         arc.mark_trainable(model)
     else:
         for name, param in model.named_parameters():
             param.requires_grad_(cfg.method == "full" or name.startswith("head."))
     return model
-
-
-@contextlib.contextmanager
-def warnings_as_notes(log):
-    with warnings.catch_warnings(record=True) as notes:
-        warnings.simplefilter("always")
-        yield
-    for note in notes:
-        log(f"note: {note.message}")
-
-
-def folds(cfg):
-    """Whether the adapters fold into the weights: all do but the official Swin's FFN placement."""
-    swin_residual = cfg.model.startswith("swin") and cfg.swin_ffn_adapter == "residual"
-    return not (cfg.method == "arc" and swin_residual)
 
 
 def weights_file(cfg, log):
@@ -480,16 +450,19 @@ def trained_tensors(model):
 
 
 def load_trained_tensors(model, state_dict, source):
-    expected = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
-    shapes = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-    if shapes != {k: tuple(v) for k, v in expected.items()}:
-        missing = sorted(expected.keys() - shapes.keys())[:4]
-        unexpected = sorted(state_dict.keys() - expected.keys())[:4]
+    """The tensors a run trained (trained_tensors) into a model built as the run's."""
+    try:  # shapes are checked here, names below
+        unexpected = model.load_state_dict(state_dict, strict=False).unexpected_keys
+    except (RuntimeError, TypeError, AttributeError) as e:
         raise UserError(
-            f"{source} does not fit this model: missing {missing}, unexpected {unexpected}, or "
-            f"tensors of other shapes"
+            f"{source} does not fit this model: {' '.join(str(e).split())[:300]}"
+        ) from None
+    missing = {name for name, p in model.named_parameters() if p.requires_grad} - state_dict.keys()
+    if missing or unexpected:
+        raise UserError(
+            f"{source} does not fit this model: missing {sorted(missing)[:4]}, unexpected "
+            f"{unexpected[:4]}"
         )
-    model.load_state_dict(state_dict, strict=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -557,12 +530,12 @@ def frozen_in_bf16(model, enabled):
 
 @torch.no_grad()
 def evaluate(model, loader, batch_size, ctx, precision):
-    """Test accuracy in %, counted on the device and summed over processes."""
+    """Test accuracy in %, counted on the device and summed over processes; `batch_size` images a
+    process at a time."""
     model.eval()
-    indices, loss_weights = shares(torch.arange(len(loader)), batch_size, ctx)
+    mine = torch.arange(ctx.rank, len(loader), ctx.world)  # every process a share of the images
     counts = torch.zeros(2, device=ctx.device)  # correct, total: one host sync at the end
-    real = [share for share, weight in zip(indices, loss_weights, strict=True) if weight]
-    for images, labels in loader(real):  # weight 0: a stand-in, skipped
+    for images, labels in loader(list(mine.split(batch_size))):
         with autocast(ctx.device, precision):
             counts[0] += (model(data.normalize(images)).argmax(-1) == labels).sum()
         counts[1] += len(labels)
@@ -631,10 +604,8 @@ def log_epoch(ctx, metrics, epochs):
 def save_checkpoint(out, record, model, optimizer, history, ctx):
     """checkpoint.pth: everything a resumed run needs to end as an uninterrupted one (every
     process's random state included); then metrics.jsonl, a line an epoch, from the history."""
-    rng = {
-        "cpu": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None,
-    }
+    cuda = ctx.device.type == "cuda"
+    rng = [torch.get_rng_state(), torch.cuda.get_rng_state(ctx.device) if cuda else None]
     states = [rng]
     if ctx.world > 1:  # every process's random state (its dropout), gathered: a collective
         states = [None] * ctx.world
@@ -682,16 +653,14 @@ def restore(checkpoint, cfg, model, optimizer, ctx, out):
     load_trained_tensors(model, checkpoint["trained"], source)
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
-        rng = checkpoint["rng"][ctx.rank]
-        torch.set_rng_state(rng["cpu"])
-        if ctx.device.type == "cuda" and rng["cuda"] is not None:
-            torch.cuda.set_rng_state(rng["cuda"], ctx.device)
+        cpu_rng, cuda_rng = checkpoint["rng"][ctx.rank]
+        torch.set_rng_state(cpu_rng)
+        if ctx.device.type == "cuda" and cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, ctx.device)
         history = list(checkpoint["history"])
         ctx.log(f"resuming {out} after epoch {history[-1]['epoch']}")
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
-        raise UserError(
-            f"--resume {source} does not fit this run ({type(e).__name__}: {e})"
-        ) from None
+        raise UserError(f"--resume {source} does not fit this run ({type(e).__name__})") from None
     if checkpoint["config"]["epochs"] != cfg.epochs:
         extended = f"then extended from {checkpoint['config']['epochs']} to {cfg.epochs} epochs"
         history[-1]["schedule"] = extended
@@ -848,35 +817,30 @@ def setup_distributed(device_name, workers):
     return ctx
 
 
-def continue_with(out, ctx):
-    """How to go on after a stop: --resume when something was saved, else the same command again."""
-    argv = [
-        a
-        for i, a in enumerate(sys.argv)
-        if not (a.startswith("--resume") or sys.argv[i - 1] == "--resume")
-    ]
-    launcher = f"torchrun --nproc_per_node={ctx.world}" if ctx.world > 1 else "python"
-    if not any(
-        os.path.exists(os.path.join(out, name)) for name in ("checkpoint.pth", "suite.json")
-    ):
-        again = shlex.join(argv)
-        return (
-            f"No epoch had finished, so nothing is saved. Start again with:\n  {launcher} {again}"
-        )
-    return (
-        f"What was saved is in {out} (the epoch in progress starts again). Continue with:\n  "
-        f"{launcher} {shlex.join([*argv, '--resume', out])}"
-    )
+def continue_with(out):
+    """How to go on after a stop: --resume when an epoch was saved, else the same command again."""
+    if any(os.path.exists(os.path.join(out, name)) for name in ("checkpoint.pth", "suite.json")):
+        return f"What was saved is in {out}: continue with --resume {out}"
+    return "No epoch had finished, so nothing is saved: give the same command again"
 
 
 def stop(signum, frame):
     raise Stopped(signum)
 
 
+def on_stop_signals(action):
+    """Handle SIGINT, SIGTERM and SIGHUP with `action` from now on; returns the handlers before."""
+    return {signum: signal.signal(signum, action) for signum in STOP_SIGNALS}
+
+
 def main(argv=None):
+    # Python started afresh (the decoding processes) finds this project's files first, never a
+    # data/ folder or a data.py in the current folder
+    os.environ["PYTHONSAFEPATH"] = "1"
+    os.environ["PYTHONPATH"] = os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])
     for stream in (sys.stdout, sys.stderr):  # a non-ASCII path on an ASCII terminal: escaped
         stream.reconfigure(errors="backslashreplace")
-    previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+    previous = on_stop_signals(stop)
     args, given = parse_args(argv)
     ctx = setup_distributed(args.device, args.workers)
     resume = args.resume and run_folder(args.resume)
@@ -892,9 +856,10 @@ def main(argv=None):
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(1)
     except Stopped as e:
-        if ctx.rank == 0:
-            print(f"\nstopped by {e}. {continue_with(out, ctx)}", file=sys.stderr)
-        sys.exit(128 + e.signum)
+        if ctx.rank == 0:  # the epoch in progress is lost: it starts again on --resume
+            name = signal.Signals(e.args[0]).name
+            print(f"\nstopped by {name}. {continue_with(out)}", file=sys.stderr)
+        sys.exit(128 + e.args[0])
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -905,6 +870,5 @@ def main(argv=None):
 if __name__ == "__main__":
     # Until main runs, and once it has returned, a stop signal is ignored: a run that has finished
     # stays finished (exit 0), whenever the signal comes.
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+    on_stop_signals(signal.SIG_IGN)
     main()
