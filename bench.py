@@ -38,6 +38,7 @@ import xml.etree.ElementTree as ElementTree
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
@@ -111,7 +112,17 @@ def stepper(model, args, device):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, fused=device.type == "cuda")
     images, labels = random_batch(args, device)
-    step = lambda: train.train_step(model, optimizer, params, images, labels, 1 / args.batch_size)
+    precision = "bf16" if device.type == "cuda" else "fp32"
+
+    def step():  # train.py's step, as its loop runs it
+        with train.autocast(device, precision):
+            loss = F.cross_entropy(model(data.normalize(images)), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        return loss.detach()
+
     step.trainable = sum(p.numel() for p in params)
     return step
 
@@ -128,7 +139,7 @@ def inference(args, device, model):
     images, _ = random_batch(args, device)
 
     def forward():
-        with torch.no_grad(), train.autocast(device):
+        with torch.no_grad(), train.autocast(device, "bf16" if device.type == "cuda" else "fp32"):
             model(data.normalize(images))
 
     return forward
@@ -209,7 +220,7 @@ def time_dtd_run(args):
             "epochs": args.epochs,
             "batch_size": args.batch_size,
         }
-        ctx = runs.setup_distributed(args.device, workers=min(8, data.CORES))
+        ctx = train.setup_distributed(args.device, workers=min(8, data.CORES))
         started = time.time()
         result = train.run_task(given, os.path.join(scratch, "run"), ctx)
         return result, time.time() - started
@@ -650,7 +661,7 @@ def report(args, device, argv):
         except (
             KeyboardInterrupt,
             SystemExit,
-            runs.Interrupted,
+            train.Stopped,
         ) as stop:  # .ci/gpu's time limit, or a Ctrl-C
             code = (
                 getattr(stop, "exit_code", None)

@@ -69,6 +69,7 @@ NUMBERS = {
     "eval_every": (1, 100_000, "test every N epochs, and after the last"),
     "workers": (0, 256, "image decoding processes"),
 }
+RECORDED = (*paper.DEFAULTS, "classes")  # the settings every file of a run records
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -192,6 +193,7 @@ def run_task(given, out, ctx, resume=None):
     """One run into the folder `out`, fresh, or continued from `resume` (its folder or its
     checkpoint.pth); returns its result. The cheap checks come first (the settings, the data's
     presence, the folder), then the weights (perhaps a download), then the data's decoding."""
+    started = time.time()
     on_stop_signals(stop)  # again: the suite's previous run ignores them once it has finished
     checkpoint = read_checkpoint(resume, ctx.world) if resume else None
     saved = checkpoint and checkpoint["config"]
@@ -219,10 +221,10 @@ def run_task(given, out, ctx, resume=None):
         raise UserError(f"--weights augreg is for {', '.join(vit.AUGREG_URLS)}, not {cfg.model}")
     data.check(cfg.data, cfg.data_dir)  # cheap: before anything is downloaded or decoded
     with runs.owned(out, fresh=not checkpoint) if ctx.rank == 0 else contextlib.nullcontext():
-        return train(cfg, out, ctx, checkpoint)
+        return train(cfg, out, ctx, checkpoint, started)
 
 
-def train(cfg, out, ctx, checkpoint):
+def train(cfg, out, ctx, checkpoint, started):
     """Data, model, optimizer and resume, the loop over epochs and steps, the fold, the files."""
     # Data: decoded once into memory, by every process for itself
     weights_path = first_on_each_machine(ctx, weights_file, cfg, ctx.log)
@@ -258,6 +260,7 @@ def train(cfg, out, ctx, checkpoint):
     cuda = ctx.device.type == "cuda"
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda)
     history = restore(checkpoint, cfg, model, optimizer, ctx, out) if checkpoint else []
+    setup_seconds = time.time() - started
 
     steps = math.ceil(len(train_data) / cfg.batch_size)
     progress = (
@@ -321,6 +324,7 @@ def train(cfg, out, ctx, checkpoint):
             log_epoch(ctx, metrics, cfg.epochs)
 
     # Fold: the adapters into the frozen weights, checked on float32 logits of test images
+    finish_started = time.time()
     tested = [m["test_acc"] for m in history if "test_acc" in m]
     trained = trained_tensors(model)
     result = {
@@ -328,6 +332,7 @@ def train(cfg, out, ctx, checkpoint):
         "best": max(tested),
         "trainable": sum(v.numel() for v in trained.values()),
         "seconds": {
+            "setup": round(setup_seconds, 1),
             "training": round(sum(m["train_s"] for m in history), 1),
             "testing": round(sum(m.get("test_s", 0) for m in history), 1),
         },
@@ -340,6 +345,7 @@ def train(cfg, out, ctx, checkpoint):
         )
     elif cfg.method in ("arc", "arc_att"):
         ctx.log(fold_and_compare(model, task.test, ctx.device))
+    result["seconds"]["finish"] = round(time.time() - finish_started, 1)
 
     # Save: folded.pth, the plain architecture whatever the method; then adapters.pth, last, with
     # the stop signals ignored: once it is written the run has finished, and a stop changes nothing
@@ -637,7 +643,7 @@ def read_checkpoint(path, world):
             )
     keys = ("config", "trained", "optimizer", "rng", "history")
     what = "a checkpoint.pth (adapters.pth and folded.pth hold results, not a run to continue)"
-    checkpoint = runs.read_saved(path, "--resume", keys, what, (*paper.DEFAULTS, "classes"))
+    checkpoint = runs.read_saved(path, "--resume", keys, what, RECORDED)
     if len(checkpoint["rng"]) != world:
         raise UserError(
             f"--resume: {path} was written by {len(checkpoint['rng'])} process(es); resume it with "
@@ -739,13 +745,8 @@ def eval_only(args, given, ctx):
     its data and weights are now, the test's batch and its precision."""
     source = f"--checkpoint {args.checkpoint}"
     what = "an adapters.pth or folded.pth"
-    saved = runs.read_saved(
-        args.checkpoint,
-        "--checkpoint",
-        ("config", "state_dict"),
-        what,
-        (*paper.DEFAULTS, "classes"),
-    )
+    keys = ("config", "state_dict")
+    saved = runs.read_saved(args.checkpoint, "--checkpoint", keys, what, RECORDED)
     fixed = [key for key in given if key not in EVAL_MAY_CHANGE]
     if fixed:
         raise UserError(
@@ -756,17 +757,12 @@ def eval_only(args, given, ctx):
     if cfg.precision == "auto":
         cfg.precision = auto_precision(ctx.device)[0]
     data.check(cfg.data, cfg.data_dir)
-    if cfg.method == "folded":
+    if cfg.method == "folded":  # the plain architecture: every tensor comes from the file
         model = build_model(SimpleNamespace(**{**vars(cfg), "method": "full"}), len(cfg.classes))
-        try:
-            model.load_state_dict(saved["state_dict"])
-        except (RuntimeError, TypeError, AttributeError) as e:
-            reason = " ".join(str(e).split())[:300]
-            raise UserError(f"{source} does not fit {cfg.model}: {reason}") from None
     else:
         check_weights(given, saved["config"], source)
         model = prepare_model(cfg, len(cfg.classes), weights_file(cfg, ctx.log), ctx.log)
-        load_trained_tensors(model, saved["state_dict"], args.checkpoint)
+    load_trained_tensors(model, saved["state_dict"], source)
     task = data.build(cfg.data, cfg.data_dir, cfg.img_size, ctx.workers, ctx.log)
     check_classes(cfg.classes, task, source)
     loader = data.Loader(task.test, ctx.device)
