@@ -239,12 +239,10 @@ def train(cfg, out, ctx, checkpoint, started):
 
     # Model: the pretrained backbone, frozen but for what the method trains
     model = prepare_model(cfg, task.num_classes, weights_path, ctx.log).to(ctx.device)
-    if (
-        ctx.rank
-    ):  # dropout, drop-path: each process draws its own masks, the first the one-process ones
-        torch.manual_seed(
-            cfg.seed * 1_000_003 + 7_919 * ctx.rank
-        )  # apart from the data order's seeds
+    # dropout, drop-path: each process draws its own masks, the first the one-process ones, from
+    # seeds apart from those of the data's order
+    if ctx.rank:
+        torch.manual_seed(cfg.seed * 1_000_003 + 7_919 * ctx.rank)
     params = [p for p in model.parameters() if p.requires_grad]
     net = model
     if ctx.world > 1:  # buffers (Swin's masks) are built alike by every process: no sync needed
@@ -263,9 +261,7 @@ def train(cfg, out, ctx, checkpoint, started):
     setup_seconds = time.time() - started
 
     steps = math.ceil(len(train_data) / cfg.batch_size)
-    progress = (
-        ctx.rank == 0 and sys.stdout.isatty()
-    )  # a live line on a terminal, never in a log file
+    progress = ctx.rank == 0 and sys.stdout.isatty()  # a live line on a terminal, not in a log
     with frozen_in_bf16(model, cuda and cfg.precision == "bf16"):
         for epoch in range(len(history), cfg.epochs):
             epoch_started = time.time()
@@ -281,8 +277,7 @@ def train(cfg, out, ctx, checkpoint, started):
                 with autocast(ctx.device, cfg.precision):
                     # forward: uint8 images (B, 3, H, W), normalised, to logits (B, classes)
                     logits = net(data.normalize(images))
-                    # loss: this process's summed loss, weighted so that DDP's mean is the batch
-                    # mean
+                    # loss: this process's sum, weighted so that DDP's mean is the batch mean
                     loss = F.cross_entropy(logits, labels, reduction="sum") * loss_weights[step]
                 # backward, and the gradient's norm clipped to 1, as the official code
                 optimizer.zero_grad(set_to_none=True)
@@ -833,7 +828,8 @@ def main(argv=None):
     # Python started afresh (the decoding processes) finds this project's files first, never a
     # data/ folder or a data.py in the current folder
     os.environ["PYTHONSAFEPATH"] = "1"
-    os.environ["PYTHONPATH"] = os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])
+    if not os.environ.get("PYTHONPATH", "").startswith(HERE):
+        os.environ["PYTHONPATH"] = os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])
     for stream in (sys.stdout, sys.stderr):  # a non-ASCII path on an ASCII terminal: escaped
         stream.reconfigure(errors="backslashreplace")
     previous = on_stop_signals(stop)
