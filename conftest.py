@@ -353,17 +353,19 @@ def trained(path):
     return torch.load(path, weights_only=True)["state_dict"]
 
 
-def stop_at_call(n):
-    """A StopFlag.is_set that acts as if Ctrl-C came during the n-th training step."""
+def signal_at_step(n, signum=signal.SIGINT):
+    """A train.lr_at that sends `signum` to this process at its n-th call: at the n-th training
+    step, through train.py's own signal handler, as a Ctrl-C (SIGINT) or a kill (SIGTERM) would."""
     calls = []
+    lr_at = train.lr_at
 
-    def is_set(self, control_group):
+    def signalling(*args):
         calls.append(1)
         if len(calls) == n:
-            self.signum = signal.SIGINT
-        return bool(self.signum)
+            os.kill(os.getpid(), signum)
+        return lr_at(*args)
 
-    return is_set
+    return signalling
 
 
 @pytest.fixture(scope="module")

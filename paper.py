@@ -1,25 +1,24 @@
-"""The paper's experiments: the authors' recipe for each task and model, and with it every setting of a run;
-the paper's accuracies; suites of tasks run one after another into one folder, with the results table beside
-the paper's.
+"""The paper's experiments: the authors' recipe for each task and model, and with it every setting
+of a run; the paper's accuracies; suites of tasks run one after another into one folder, with the
+results table beside the paper's.
 
-    recipe("cub", "vit_b16")      # ("FGVC cub (FGVC_ARC_train.py)", {"lr": 1e-3, "weight_decay": 0.05, ...})
+    recipe("cub", "vit_b16")   # ("FGVC cub (FGVC_ARC_train.py)", {"lr": 1e-3, ...})
     settings({"data": "cub", "lr": 2e-3})   # every setting of a run, and where it came from
-    suite_tasks("vtab-1k")        # the 19 VTAB-1k tasks in the paper's order; "dtd,eurosat" -> a list of two
-    run_suite(given, out, ctx, resume, run_task)   # train.py's --data vtab-1k: results.md and results.json
+    suite_tasks("vtab-1k")     # the 19 VTAB-1k tasks in the paper's order; "dtd,eurosat": two
+    run_suite(given, seeds, out, ctx, resume, run_task)   # --data vtab-1k, --seeds N: results
 
-The recipes are what the official scripts ran (ARC.md sections 3 and 7), also where that differs from the
-paper's text: the README says where.
+The recipes are what the official scripts ran (ARC.md sections 3 and 7), also where that differs
+from the paper's text: the README says where.
 """
 
+import contextlib
 import json
 import os
 import statistics
 from types import SimpleNamespace
 
-import torch.distributed as dist
-
 import data
-from runs import UserError, check_out, finished, flag, save_atomic
+from runs import UserError, finished, flag, owned, save_atomic
 
 # vtab_ARC_train.py on the ViT: VTAB-1k, and image folders and synthetic data
 VTAB_RECIPE = dict(
@@ -32,8 +31,9 @@ FGVC_RECIPES = {  # FGVC_ARC_train.py, the authors' settings per dataset
     "dogs": dict(lr=2.5e-4, weight_decay=0.05, adapter_dropout=0.1, vit_dropout=0.0),
     "cars": dict(lr=5e-3, weight_decay=0.05, adapter_dropout=0.0, vit_dropout=0.1),
 }
-# train_ARC_swin.py with Model/ARC_swin_b.py: drop-path 0.1, and adapter dropout 0.5 (the blocks' default)
-# in every run, as the per-task 'a_drop' it prints never reaches the model. Its lr and weight decay per task:
+# train_ARC_swin.py with Model/ARC_swin_b.py: drop-path 0.1, and adapter dropout 0.5 (the blocks'
+# default) in every run, as the per-task 'a_drop' it prints never reaches the model. Its lr and
+# weight decay per task:
 SWIN_RECIPE = dict(adapter_dropout=0.5, drop_path=0.1)
 SWIN_VTAB = {
     "cifar": (5e-3, 1e-2),
@@ -60,7 +60,8 @@ RECIPE_KEYS = tuple(VTAB_RECIPE)
 
 
 def recipe(task, model):
-    """(name, settings) of the authors' recipe for `task` on `model`: values for every key of RECIPE_KEYS."""
+    """(name, settings) of the authors' recipe for `task` on `model`: values for every key of
+    RECIPE_KEYS."""
     if model.startswith("swin"):
         lr, weight_decay = SWIN_VTAB.get(task, (VTAB_RECIPE["lr"], VTAB_RECIPE["weight_decay"]))
         name = (
@@ -79,7 +80,8 @@ def recipe(task, model):
     return "VTAB-1k (vtab_ARC_train.py)", dict(VTAB_RECIPE)
 
 
-# The settings of a run (train.py's options) when neither the command line, the run resumed nor a recipe gives them
+# The settings of a run (train.py's options) when neither the command line, the run resumed nor a
+# recipe gives them
 DEFAULTS = dict(
     data="dtd",
     data_dir="./data",
@@ -92,21 +94,19 @@ DEFAULTS = dict(
     img_size=224,
     seed=42,
     eval_every=10,
+    precision="auto",
     swin_ffn_adapter="norm2",
     **VTAB_RECIPE,
 )
-ONLY_FOR = {
-    "vit_dropout": "vit",
-    "drop_path": "swin",
-    "swin_ffn_adapter": "swin",
-}  # options of one family
+ONLY_FOR = {"vit_dropout": "vit", "drop_path": "swin", "swin_ffn_adapter": "swin"}  # one family's
 
 
-def settings(given, saved=None):
-    """The run's settings, each with where it came from: the command line, the run being resumed, the
-    recipe for its task and model, or DEFAULTS."""
-    first = lambda key: given.get(key, (saved or DEFAULTS)[key])
-    recipe_name, recipe_values = recipe(first("data"), first("model"))
+def settings(given, saved=None, auto_precision=("fp32", "auto")):
+    """The run's settings, each with where it came from: the command line, the run being resumed,
+    the recipe for its task and model, or DEFAULTS. Built once: (settings, sources, recipe's name).
+    `auto_precision`: what --precision auto means here, and why."""
+    first = {**DEFAULTS, **(saved or {}), **given}
+    recipe_name, recipe_values = recipe(first["data"], first["model"])
     cfg, sources = {}, {}
     for key in DEFAULTS:
         cfg[key], sources[key] = next(
@@ -119,6 +119,9 @@ def settings(given, saved=None):
             )
             if key in values
         )
+    cfg["data_dir"] = os.path.abspath(cfg["data_dir"])
+    if cfg["precision"] == "auto":
+        cfg["precision"], sources["precision"] = auto_precision
     for key, family in ONLY_FOR.items():
         if not cfg["model"].startswith(family):
             if given.get(key):
@@ -126,17 +129,16 @@ def settings(given, saved=None):
                     f"{flag(key)} does not apply to {cfg['model']}: --vit-dropout is for ViTs, "
                     f"--drop-path and --swin-ffn-adapter for Swin"
                 )
-            cfg[key], sources[key] = DEFAULTS[key] if key == "swin_ffn_adapter" else 0.0, "n/a"
+            cfg[key] = DEFAULTS[key] if key == "swin_ffn_adapter" else 0.0
+            sources[key] = "n/a"
     if 0 < cfg["epochs"] <= cfg["warmup_epochs"] and sources["warmup_epochs"] != "run":
         if sources["warmup_epochs"] == "command line":
             raise UserError(
-                f"--warmup-epochs {cfg['warmup_epochs']} must be less than --epochs {cfg['epochs']}, "
-                f"or the learning rate never decays"
+                f"--warmup-epochs {cfg['warmup_epochs']} must be less than --epochs "
+                f"{cfg['epochs']}, or the learning rate never decays"
             )
-        cfg["warmup_epochs"], sources["warmup_epochs"] = (
-            cfg["epochs"] // 10,
-            "shortened to a tenth of --epochs",
-        )
+        cfg["warmup_epochs"] = cfg["epochs"] // 10
+        sources["warmup_epochs"] = "shortened to a tenth of --epochs"
     return SimpleNamespace(**cfg), sources, recipe_name
 
 
@@ -192,81 +194,66 @@ PAPER_TRAINABLE = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Suites: a folder per task, and the paper's tables
 
 
 def suite_tasks(name):
     """The tasks of a suite (vtab-1k, fgvc) or of a comma-separated list; None for a single task."""
-    return data.SUITES.get(name) or (
-        [t.strip() for t in name.split(",") if t.strip()] if "," in name else None
-    )
+    if name in data.SUITES:
+        return data.SUITES[name]
+    return [t.strip() for t in name.split(",") if t.strip()] if "," in name else None
 
 
-def run_suite(given, out, ctx, resume, run_task):
-    """Each task in turn, in its own subfolder of `out`, with its own recipe: run_task(options, folder, ctx,
-    resume_from) (train.py's) returns its result; results.md and results.json after every task. Resumed, a
-    suite skips finished tasks and continues the others; options given then apply to this invocation
-    (suite.json keeps the ones the suite started with)."""
-    results = {}
-    suite, plan = plan_suite(given, out, ctx, resume, os.path.abspath(DEFAULTS["data_dir"]))
-    for folder, options, resume_from in plan:
-        done = not resume_from and finished(
-            folder, options.get("epochs")
-        )  # finished, its checkpoint.pth deleted
-        results[os.path.basename(folder)] = (
-            done["result"] if done else run_task(options, folder, ctx, resume_from)
-        )
-        if ctx.rank == 0:
-            seeds = {task: [result] for task, result in results.items()}
-            write_results(out, seeds, suite["model"], suite["method"], suite["weights"])
-    return results
-
-
-def plan_suite(given, out, ctx, resume, default_data_dir):
-    """The suite's settings, and [(folder, options, the folder to resume or None)] of each of its tasks, once
-    their data and the folder are checked. suite.json keeps the options the suite started with; a started task
-    keeps its own."""
+def run_suite(given, seeds, out, ctx, resume, run_task):
+    """Each task in turn, `seeds` times (seeds --seed, --seed + 1, ...), each run in its own folder
+    of `out` with its task's recipe: run_task(options, folder, ctx, resume_from) (train.py's)
+    returns its result; results.md and results.json after every run. Resumed, a suite skips finished
+    runs and continues the others; options given then apply to this invocation (suite.json keeps the
+    ones the suite started with)."""
     suite_file = os.path.join(out, "suite.json")
-    stored = read_suite(suite_file, out) if resume else {}
+    stored = read_suite(suite_file, out) if resume else {"seeds": 1}
     if resume and given.get("data", stored["data"]) != stored["data"]:
-        raise UserError(
-            f"--resume {out} is the suite --data {stored['data']}, not --data {given['data']}"
-        )
-    tasks = suite_tasks(given.get("data") or stored["data"])
-    options = {"data_dir": default_data_dir, **stored, **given}
-    plan = {}
-    for task in tasks:
-        folder = os.path.join(out, os.path.basename(os.path.normpath(task)))
-        started = os.path.exists(os.path.join(folder, "checkpoint.pth"))
-        plan[task] = (
-            folder,
-            {**({"data_dir": options["data_dir"], **given} if started else options), "data": task},
-            folder if started else None,
-        )
-    missing = {
+        raise UserError(f"--resume {out} is the suite --data {stored['data']}, not {given['data']}")
+    seeds = seeds or stored.pop("seeds")
+    options = {"data_dir": os.path.abspath(DEFAULTS["data_dir"]), **stored, **given}
+    listed = suite_tasks(options["data"])  # else one task, run with several seeds
+    first_seed = options.get("seed", DEFAULTS["seed"])
+    plan = []  # (task, seed, folder) of each run
+    for task in listed or [options["data"]]:
+        task_folder = os.path.join(out, os.path.basename(os.path.normpath(task))) if listed else out
+        for seed in range(first_seed, first_seed + seeds):
+            folder = os.path.join(task_folder, f"seed{seed}") if seeds > 1 else task_folder
+            plan.append((task, seed, folder))
+    missing = {  # a finished run needs no data
         task: data.missing(task, options["data_dir"])
-        for task in tasks  # a finished task needs none
-        if not finished(plan[task][0], plan[task][1].get("epochs"))
+        for task, _, folder in plan
+        if not finished(folder, options.get("epochs"))
     }
     if any(missing.values()):
+        absent = ", ".join(f"{task} ({path} is missing)" for task, path in missing.items() if path)
+        others = ",".join(task for task in listed or [] if not missing.get(task))
         raise UserError(
-            f"no data for {sum(map(bool, missing.values()))} of the {len(tasks)} tasks: "
-            + ", ".join(
-                f"{task} ({absent} is missing)" for task, absent in missing.items() if absent
-            )
-            + ". Put it there, or run "
-            f"the others: --data {','.join(task for task in tasks if not missing.get(task))}"
+            f"no data for {sum(map(bool, missing.values()))} of the {len(listed or [1])} tasks: "
+            f"{absent}. Put it there, or run the others: --data {others}"
         )
-    check_out(out, fresh=not resume)
-    if ctx.control is not None:
-        dist.barrier(
-            group=ctx.control
-        )  # every process has checked `out` before the first one writes to it
-    if ctx.rank == 0 and not resume:
-        os.makedirs(out, exist_ok=True)
-        save_atomic(json.dumps(options, indent=1), suite_file)
-    return {**DEFAULTS, **options}, list(plan.values())
+    suite = {**DEFAULTS, **options}
+    results = {}
+    with owned(out, fresh=not resume) if ctx.rank == 0 else contextlib.nullcontext():
+        if ctx.rank == 0 and not resume:
+            save_atomic(json.dumps({**options, "seeds": seeds}, indent=1), suite_file)
+        for task, seed, folder in plan:
+            started = os.path.exists(os.path.join(folder, "checkpoint.pth"))
+            done = not started and finished(folder, options.get("epochs"))
+            run_options = {**options, "data": task, "seed": seed}
+            result = (
+                done["result"] if done else run_task(run_options, folder, ctx, started and folder)
+            )
+            name = os.path.basename(os.path.normpath(task))  # a folder by its name
+            results.setdefault(name, []).append({**result, "seed": seed})
+            if ctx.rank == 0:
+                write_results(out, results, suite["model"], suite["method"], suite["weights"])
+    return results
 
 
 def read_suite(path, out):
@@ -277,8 +264,8 @@ def read_suite(path, out):
             return json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(
-            f"--resume {out}: {path} is unreadable ({type(e).__name__}: {e}); a suite's folder holds the "
-            f"suite.json it wrote"
+            f"--resume {out}: {path} is unreadable ({type(e).__name__}: {e}); a suite's folder "
+            f"holds the suite.json it wrote"
         ) from None
 
 

@@ -17,7 +17,6 @@ import arc
 import bench
 import data
 import paper
-import runs
 import swin
 import train
 import vit
@@ -31,7 +30,7 @@ from conftest import (
     one_thread,
     randomize_arc,
     run_train,
-    stop_at_call,
+    signal_at_step,
     swin_tiny,
     trained,
 )
@@ -402,7 +401,7 @@ def test_cuda_a_folded_model_trained_on_the_gpu_loads_on_the_cpu_with_the_gpu_s_
     unfolded = train.prepare_model(
         SimpleNamespace(**{**paper.DEFAULTS, **saved["config"]}), 10, None, log=print
     )
-    runs.load_trained_tensors(unfolded, saved["state_dict"], "adapters.pth")
+    train.load_trained_tensors(unfolded, saved["state_dict"], "adapters.pth")
     images = data.normalize(data.build("synthetic", img_size=16, log=None).test.images[:64])
     with torch.no_grad():
         expected = plain(images)
@@ -432,12 +431,10 @@ def test_cuda_a_stopped_run_restores_the_cuda_random_state_and_resumes_to_the_sa
     bitwise equal; on a deterministic GPU the gap is 0."""
     cut, unrestored = tmp_path / "cut", tmp_path / "unrestored"
     with monkeypatch.context() as patch:
-        patch.setattr(
-            runs.StopFlag, "is_set", stop_at_call(17 + 5)
-        )  # 16 steps an epoch: epoch 2, step 5
+        patch.setattr(train, "lr_at", signal_at_step(16 + 5))  # 16 steps an epoch: epoch 2, step 5
         assert run_train(*TINY_RUN, "--device", "cuda", "--out", cut) == 128 + signal.SIGINT
-    assert "stopped by SIGINT after 1 epoch(s)" in capsys.readouterr().err
-    state = torch.load(cut / "checkpoint.pth", weights_only=True)["rng"][0]["cuda"]
+    assert "stopped by SIGINT" in capsys.readouterr().err
+    state = torch.load(cut / "checkpoint.pth", weights_only=True)["rng"][0][1]
     assert isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.numel() > 0
     shutil.copytree(cut, unrestored)
     restore, restored = torch.cuda.set_rng_state, []

@@ -1,5 +1,6 @@
 """Tests of the command line's errors: one clear line, no traceback, nothing overwritten."""
 
+import copy
 import os
 import shutil
 import subprocess
@@ -29,8 +30,9 @@ from conftest import (
     write_vtab_with_broken_images,
 )
 
-# ---------------------------------------------------------------------------------------------------
-# The command line's errors: one clear line, no traceback, nothing overwritten (in-process, then the real CLI)
+# --------------------------------------------------------------------------------------------------
+# The command line's errors: one clear line, no traceback, nothing overwritten (in-process, then the
+# real CLI)
 
 
 def run_cli(args, timeout=120):
@@ -48,7 +50,8 @@ def run_cli(args, timeout=120):
     return result.returncode, result.stderr.strip().splitlines()
 
 
-BAD_COMMANDS_INTO_A_RUN = {  # case -> (out, weight files) -> a command with the finished run's --out
+# case -> (out, weight files) -> a command with the finished run's --out
+BAD_COMMANDS_INTO_A_RUN = {
     "a fresh run (no --resume)": lambda out, w: quick_run_args(out),
     "a fresh run of another model": lambda out, w: quick_run_args(out, model="vit_s16"),
     "a truncated --weights": lambda out, w: quick_run_args(out, weights=w["truncated.npz"]),
@@ -377,7 +380,7 @@ def test_out_that_is_a_file_or_cannot_be_written(tmp_path, capsys):
     )
     if os.path.exists("/sys/kernel"):  # sysfs: no folder can be made there, not even by root
         fails_with_one_line(
-            quick_run_args("/sys/arc_run"), capsys, "--out /sys/arc_run", "cannot write in /sys"
+            quick_run_args("/sys/arc_run"), capsys, "--out /sys/arc_run", "cannot write there"
         )
 
 
@@ -515,8 +518,8 @@ def test_help_shows_defaults_and_dataset_names(capsys):
 
 
 def test_cli_unknown_data(tmp_path):
-    # the real command line, in its own process: one line, no traceback, nothing written (the cases below run
-    # train.main in this process, which ends the same way: see run_and_capture)
+    # the real command line, in its own process: one line, no traceback, nothing written (the cases
+    # below run train.main in this process, which ends the same way: see run_and_capture)
     code, lines = run_cli(quick_run_args(tmp_path / "out", data="no_such_task"))
     assert_one_clear_line(code, lines, "no_such_task", "synthetic", "eurosat", "cub")
     assert not os.path.exists(tmp_path / "out")
@@ -533,3 +536,90 @@ def test_cli_bad_weights_or_numbers(case, weight_files, tmp_path, capsys):
         )
     fails_with_one_line(args, capsys, *facts)
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "option, value, says",
+    [
+        ("seed", "1e20", "invalid int value"),
+        ("seed", str(10**15), "from 0 to 2147483647"),
+        ("img_size", "65536", "from 16 to 4096"),
+        ("rank", "100000000", "from 1 to 4096"),
+        ("seeds", "0", "from 1 to 100"),
+    ],
+)
+def test_numbers_beyond_their_range_are_refused_at_once(tmp_path, capsys, option, value, says):
+    fails_with_one_line(
+        quick_run_args(tmp_path / "out", **{option: value}),
+        capsys,
+        "--" + option.replace("_", "-"),
+        value,
+        says,
+    )
+
+
+@pytest.mark.parametrize("case", ["a broken link", "a name of 300 bytes", "empty"])
+def test_a_bad_out_is_refused_before_the_data_is_decoded(tmp_path, monkeypatch, capsys, case):
+    monkeypatch.setattr(
+        train.data, "build", lambda *a, **k: pytest.fail("decoded the data before checking --out")
+    )
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    out = {"a broken link": tmp_path / "link", "a name of 300 bytes": tmp_path / ("x" * 300)}
+    fails_with_one_line(quick_run_args(out.get(case, "")), capsys, "--out")
+    assert sorted(os.listdir(tmp_path)) == ["link"]  # nothing made
+
+
+def test_an_empty_resume_or_checkpoint_is_refused(capsys):
+    fails_with_one_line(["--resume", ""], capsys, "--resume is empty")
+    fails_with_one_line(["--eval-only", "--checkpoint", ""], capsys, "--checkpoint is empty")
+
+
+def without(saved, *path):
+    """A copy of a saved file's dict with the entry at `path` removed (the last key) or emptied."""
+    saved = copy.deepcopy(saved)
+    holder = saved
+    for key in path[:-1]:
+        holder = holder[key]
+    holder.pop(path[-1])
+    return saved
+
+
+@pytest.mark.parametrize(
+    "name, change, says",
+    [
+        ("checkpoint.pth", lambda s: without(s, "config", "classes"), "lacks the settings"),
+        ("checkpoint.pth", lambda s: without(s, "config", "precision"), "lacks the settings"),
+        ("checkpoint.pth", lambda s: {**s, "history": []}, "does not fit this run"),
+        ("checkpoint.pth", lambda s: {**s, "rng": ["not a state"]}, "does not fit this run"),
+        ("checkpoint.pth", lambda s: {**s, "optimizer": {"state": {}}}, "does not fit this run"),
+        ("checkpoint.pth", lambda s: {**s, "trained": {"head.weight": 1}}, "does not fit this"),
+        ("adapters.pth", lambda s: without(s, "config", "classes"), "lacks the settings"),
+        ("adapters.pth", lambda s: {**s, "config": []}, "lacks the settings"),
+        ("adapters.pth", lambda s: {**s, "state_dict": {}}, "does not fit this model"),
+        ("folded.pth", lambda s: {**s, "state_dict": {"x": torch.zeros(1)}}, "does not fit"),
+    ],
+)
+def test_files_that_load_but_hold_another_structure_get_one_line(
+    finished_run, tmp_path, capsys, name, change, says
+):
+    out, _ = finished_run
+    copy_of_run = tmp_path / "run"
+    shutil.copytree(out, copy_of_run)
+    torch.save(change(torch.load(out / name, weights_only=True)), copy_of_run / name)
+    if name == "checkpoint.pth":
+        os.remove(copy_of_run / "adapters.pth")  # not finished: --resume reads its checkpoint
+        args = ["--resume", copy_of_run, "--workers", "0"]
+    else:
+        args = ["--eval-only", "--checkpoint", copy_of_run / name, "--workers", "0"]
+    fails_with_one_line(args, capsys, copy_of_run / name, says)
+
+
+def test_eval_only_refuses_settings_it_cannot_change_and_states_the_ones_it_uses(
+    finished_run, capsys
+):
+    out, _ = finished_run
+    args = ["--eval-only", "--checkpoint", out / "adapters.pth", "--workers", "0"]
+    fails_with_one_line([*args, "--img-size", "64"], capsys, "--img-size cannot change", "32")
+    fails_with_one_line([*args, "--lr", "0.5"], capsys, "--lr cannot change")
+    assert run_train(*args, "--batch-size", "3", "--precision", "fp32") == 0
+    assert "batch 12, fp32: test accuracy" in capsys.readouterr().out  # 4 x --batch-size

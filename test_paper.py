@@ -13,7 +13,6 @@ from PIL import Image
 
 import data
 import paper
-import runs
 import swin
 import train
 from conftest import (
@@ -23,11 +22,11 @@ from conftest import (
     file_hashes,
     metrics,
     run_train,
-    stop_at_call,
+    signal_at_step,
     write_image_folder,
 )
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Suites and the paper's recipes and tables (paper.py)
 
 
@@ -90,13 +89,13 @@ def test_a_suite_runs_its_tasks_resumes_and_reports_the_paper_s_means(
         "eurosat",
         "kitti",
     ]  # one task of each VTAB-1k group: natural, specialized, structured
-    for task, classes in zip(tasks, (3, 3, 2)):
+    for task, classes in zip(tasks, (3, 3, 2), strict=True):
         write_vtab_by_brightness(data_dir, task, classes)
     args = ["--data", ",".join(tasks), "--data-dir", data_dir, *SUITE, "--out", out]
     with (
         monkeypatch.context() as patch
     ):  # Ctrl-C in the second task's first epoch (each has 1 step an epoch)
-        patch.setattr(runs.StopFlag, "is_set", stop_at_call(2 + 2 + 1))
+        patch.setattr(train, "lr_at", signal_at_step(2 + 1))
         assert run_train(*args) == 128 + signal.SIGINT
     assert f"--resume {out}" in capsys.readouterr().err
     assert list(json.loads((out / "results.json").read_text())["tasks"]) == ["dtd"]
@@ -173,8 +172,9 @@ def test_a_suite_json_in_the_current_folder_is_not_mistaken_for_a_suite(tmp_path
 def test_a_suite_of_unfoldable_runs_resumes_finished_and_keeps_its_model_in_the_table(
     tmp_path, monkeypatch, capsys
 ):
-    # the official Swin placement writes no folded.pth: its finished tasks must not ask for their data again, and the
-    # table names the suite's model and method, also after a resume that repeats none of them
+    # the official Swin placement writes no folded.pth: its finished tasks must not ask for their
+    # data again, and the table names the suite's model and method, also after a resume that repeats
+    # none of them
     monkeypatch.setitem(
         train.MODELS,
         "swin_t",
@@ -207,7 +207,8 @@ def test_a_suite_of_unfoldable_runs_resumes_finished_and_keeps_its_model_in_the_
     assert capsys.readouterr().out.count("has finished its 1 epochs") == 2
     assert (out / "results.md").read_text().startswith("# ARC: swin_t, arc\n")
     before = file_hashes(out / "synthetic")
-    # extending the suite trains every task again: one line about the missing data first, and nothing trained
+    # extending the suite trains every task again: one line about the missing data first, and
+    # nothing trained
     fails_with_one_line(
         ["--resume", out, "--epochs", "2", "--workers", "0"],
         capsys,
@@ -531,3 +532,66 @@ def test_results_beside_the_paper_s_arc_star_and_fgvc_rows_and_nothing_for_other
         table = (tmp_path / "results.md").read_text()
         assert row("cub", "3", "81.00 ± 1.00", "82.50 ± 2.50", "280,000") + "\n" in table
         assert "final - paper" not in table and "Trainable parameters" not in table
+
+
+def test_a_suite_of_two_seeds_resumes_seed_by_seed_and_summarises_them(
+    tmp_path, monkeypatch, capsys
+):
+    data_dir, out = tmp_path / "data", tmp_path / "suite"
+    for task, classes in (("dtd", 3), ("kitti", 2)):
+        write_vtab_by_brightness(data_dir, task, classes)
+    args = ["--data", "dtd,kitti", "--seeds", "2", "--data-dir", data_dir, *SUITE, "--out", out]
+    with monkeypatch.context() as patch:  # 1 step an epoch, 2 epochs: kitti's first seed, epoch 2
+        patch.setattr(train, "lr_at", signal_at_step(2 + 2 + 2))
+        assert run_train(*args) == 128 + signal.SIGINT
+    assert f"--resume {out}" in capsys.readouterr().err
+    assert sorted(os.listdir(out / "dtd")) == ["seed42", "seed43"]
+    assert [m["epoch"] for m in metrics(out / "kitti" / "seed42")] == [1]
+    assert run_train("--resume", out, "--workers", "0") == 0
+    results = json.loads((out / "results.json").read_text())
+    finals = {}
+    for task in ("dtd", "kitti"):
+        seeds = [
+            torch.load(out / task / f"seed{s}" / "adapters.pth")["config"]["seed"] for s in (42, 43)
+        ]
+        assert seeds == [42, 43]
+        finals[task] = [metrics(out / task / f"seed{s}")[-1]["test_acc"] for s in (42, 43)]
+        assert [run["seed"] for run in results["tasks"][task]["runs"]] == [42, 43]
+        assert results["tasks"][task]["final"] == pytest.approx(np.mean(finals[task]))
+        assert results["tasks"][task]["final_std"] == pytest.approx(np.std(finals[task], ddof=1))
+    assert results["mean"] == pytest.approx(np.mean([np.mean(f) for f in finals.values()]))
+
+
+def test_one_task_with_three_seeds_gets_the_same_summary(tmp_path):
+    out = tmp_path / "run"
+    assert (
+        run_train(
+            *TINY_RUN,
+            "--epochs",
+            "1",
+            "--warmup-epochs",
+            "0",
+            "--seeds",
+            "3",
+            "--seed",
+            "7",
+            "--out",
+            out,
+        )
+        == 0
+    )
+    assert sorted(os.listdir(out)) == [
+        ".lock",
+        "results.json",
+        "results.md",
+        "seed7",
+        "seed8",
+        "seed9",
+        "suite.json",
+    ]
+    results = json.loads((out / "results.json").read_text())
+    finals = [metrics(out / f"seed{s}")[-1]["test_acc"] for s in (7, 8, 9)]
+    assert [run["seed"] for run in results["tasks"]["synthetic"]["runs"]] == [7, 8, 9]
+    assert results["tasks"]["synthetic"]["final"] == pytest.approx(np.mean(finals))
+    assert results["tasks"]["synthetic"]["final_std"] == pytest.approx(np.std(finals, ddof=1))
+    assert len({metrics(out / f"seed{s}")[-1]["loss"] for s in (7, 8, 9)}) == 3  # three runs
