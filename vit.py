@@ -322,9 +322,14 @@ def read_checkpoint(path):
                 state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
-    except Exception as e:  # torch's or numpy's own words: the first line says what is wrong
-        reason = f"{type(e).__name__}: {e}".splitlines()[0]
-        raise CheckpointError(f"{path}: unreadable ({reason})") from None
+    except Exception as e:
+        # torch's or numpy's own words; their first sentence says what is wrong, and the rest may
+        # suggest loading the file unsafely, which a weights file never needs
+        kind = "a Google ViT .npz" if str(path).endswith(".npz") else "a torch state dict"
+        reason = str(e).partition("\n")[0].split(". ")[0]
+        raise CheckpointError(
+            f"{path}: unreadable as {kind} ({type(e).__name__}: {reason})"
+        ) from None
     if str(path).endswith(".npz"):
         try:
             return convert_npz(state_dict)
