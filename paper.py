@@ -143,8 +143,9 @@ def settings(given, saved=None, auto_precision=("fp32", "auto")):
 
 
 # The ARC paper's top-1 accuracies (%) with ARC on each model it reports: ViT-B/16 as the paper
-# prints them (ARC.md section 4); ViT-L/16, ViT-H/14, Swin-B and ARC* (ViT-B/16 from Google's AugReg
-# ImageNet-21k weights) as the first author's RLRR reprints them (section 11). Rows: the tasks, then
+# prints them (its Table 1 and FGVC table); ViT-L/16, ViT-H/14, Swin-B and ARC* (ViT-B/16 from
+# Google's AugReg ImageNet-21k weights) as the first author's RLRR (CVPR 2024, arXiv 2403.19067)
+# reprints them, the ARC paper's full text being out of reach. Rows: the tasks, then
 # the group means and the suites' means as printed, not recomputed. None: the source gives no
 # figure, and none is inferred.
 PAPER_MODELS = {  # (model, weights) -> its name, in the order of PAPER_ACCURACY's columns
@@ -187,7 +188,7 @@ PAPER_ACCURACY = {
 }
 # The paper's trainable parameters (millions) per suite: its mean over the suite's tasks, adapters
 # and heads. r = 50 and the heads give ViT-B/16 0.13M and Swin-B 0.27M, but ViT-L/16 0.20M, ViT-H/14
-# 0.28M and FGVC 0.28M (ARC.md section 11).
+# 0.28M and FGVC 0.28M, though the official configs set r = 50 for every backbone.
 PAPER_TRAINABLE = {
     "vtab-1k": (0.13, 0.18, 0.22, 0.27, 0.13),
     "fgvc": (0.25, None, None, None, 0.25),
@@ -329,8 +330,9 @@ def write_results(out, results, model, method, weights):
         "(n - 1) over the seeds (one seed: no ±). **final**: after the last epoch, the honest "
         "figure. **best**: the best of the evaluated epochs, selected on the test set, as the "
         "official code reports (its protocol tests every epoch: `--eval-every 1`). **paper**: the "
-        "ARC paper's figures (ARC.md sections 4 and 11), empty where it gives none; its printed "
-        "means and its count of trainable parameters beside a whole suite only.",
+        "ARC paper's figures (ViT-L/16, ViT-H/14, Swin-B and ARC* as the authors reprint them in "
+        "RLRR, CVPR 2024), empty where they give none; the printed means and the count of "
+        "trainable parameters beside a whole suite only.",
         "",
         "| " + " | ".join(header) + " |",
         "|---" * len(header) + "|",
@@ -366,7 +368,6 @@ def write_results(out, results, model, method, weights):
             f"{trainable}M in the paper: the mean over the suite's tasks. "
             "Where they differ, --rank is not the official 50, or r = 50 does not give the "
             "paper's count: ViT-L/16's 0.18M, ViT-H/14's 0.22M and FGVC's 0.25M are 0.20M, 0.28M "
-            "and 0.28M with r = 50 and the suite's heads (ARC.md section 11). r is not tuned to "
-            "match."
+            "and 0.28M with r = 50 and the suite's heads. r is not tuned to match."
         )
     save_atomic("\n".join(lines) + "\n", os.path.join(out, "results.md"))
