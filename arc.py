@@ -260,11 +260,14 @@ def add_adapters(model, rank=50, method="arc", dropout=0.1, targets=None):
             by_width.setdefault(width, {})[block] = sites
         owners = {width: _owner(modules, blocks) for width, blocks in by_width.items()}
         for width, blocks in by_width.items():
+            owner = owners[width]
             name = f"down_proj_{position}"
-            if list(owners.values()).count(owners[width]) > 1:
+            if (
+                list(owners.values()).count(owner) > 1
+            ):  # several widths share it: W's name says which
                 name += f"_{width}"
-            _check_free(modules[owners[width]], owners[width], name)
-            plan.append((position, modules[owners[width]], name, blocks))
+            _check_free(modules[owner], owner, name)
+            plan.append((position, modules[owner], name, blocks))
     for position, owner, name, blocks in plan:
         # the new tensors go where the layers they feed are, in their dtype
         like = _weight_and_bias(next(iter(blocks.values()))[0][1])[0]

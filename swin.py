@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torchvision.ops import StochasticDepth
 
 from arc import METHODS, ARCAdapter, SharedProjection
-from vit import load_backbone, published, read_checkpoint
+from vit import Mlp, load_backbone, published, read_checkpoint
 
 CONFIGS = {  # name -> width of the first stage, blocks per stage, heads per stage
     "swin_t": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
@@ -138,16 +138,6 @@ class WindowAttention(nn.Module):
         return self.proj(x.reshape(B, N, C))
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class Block(nn.Module):
     """x = x + W-MSA(A_att(LN1(x))); x = x + FFN(A_ffn(LN2(x))), the attention over (shifted)
     windows.
@@ -175,7 +165,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, heads, window)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, 4 * dim)
+        self.mlp = Mlp(dim, 4 * dim)  # vit.py's: fc1, GELU, fc2, its dropout left at 0
         # stochastic depth, one rate for both branches: a whole sample's branch is dropped
         self.drop_path = StochasticDepth(drop_path, mode="row")
         self.adapter_feeds = FEEDS[ffn_adapter]  # where arc.reparameterize folds the adapters
@@ -316,8 +306,9 @@ class SwinTransformer(nn.Module):
             )
             for s, depth in enumerate(depths)
         )
-        self.norm = nn.LayerNorm(dim * 2 ** (len(depths) - 1))
-        self.head = nn.Linear(dim * 2 ** (len(depths) - 1), num_classes)
+        final_dim = dim * 2 ** (len(depths) - 1)
+        self.norm = nn.LayerNorm(final_dim)
+        self.head = nn.Linear(final_dim, num_classes)
         # the official ARC Swin's head init (its ViT's is zeros): timm's trunc_normal_(std=0.02),
         # whose bounds are absolute, +-2: 100 std, so in effect a normal distribution
         nn.init.trunc_normal_(self.head.weight, std=0.02)

@@ -304,8 +304,9 @@ def resize_pos_embed(pos_embed, num_patches):
 def read_checkpoint(path):
     """The state dict in a weights file: a Google .npz (converted to timm's names), or a torch file
     (.pth, .bin, .pt), also when nested under 'model' or 'state_dict' (Microsoft's layout)."""
+    npz = str(path).endswith(".npz")
     try:
-        if str(path).endswith(".npz"):
+        if npz:
             with np.load(path) as arrays:
                 state_dict = dict(arrays)  # reads every array: a truncated one fails here
         else:
@@ -317,12 +318,12 @@ def read_checkpoint(path):
     except Exception as e:
         # torch's or numpy's own words; their first sentence says what is wrong, and the rest may
         # suggest loading the file unsafely, which a weights file never needs
-        kind = "a Google ViT .npz" if str(path).endswith(".npz") else "a torch state dict"
+        kind = "a Google ViT .npz" if npz else "a torch state dict"
         reason = str(e).partition("\n")[0].split(". ")[0]
         raise CheckpointError(
             f"{path}: unreadable as {kind} ({type(e).__name__}: {reason})"
         ) from None
-    if str(path).endswith(".npz"):
+    if npz:
         try:
             return convert_npz(state_dict)
         except KeyError as e:
