@@ -17,10 +17,10 @@ W_ffn, every c_l and b_l and the classifier head train: 2 (d r + L (r + d)) para
 per stage.
 
 A_l is linear, so it folds into the layer it feeds. Without dropout (in eval mode), A_l(h) = h M_l +
-b_l with M_l = I + W diag(c_l) W^T. Let the layer be y = a V^T + beta, its weight V in R^{out x d}.
-Then y = h (V M_l^T)^T + (beta + V b_l), and since M_l is symmetric, the folded layer is V' = V M_l,
-beta' = beta + V b_l. reparameterize(model) does this for every adapter and removes them all: zero
-inference cost.
+b_l with M_l = I + W diag(c_l) W^T. Let that layer be y = a V^T + beta, its input a = A_l(h), its
+weight V in R^{out x d}. Then y = h M_l V^T + (beta + V b_l) = h (V M_l^T)^T + (beta + V b_l), and
+M_l is symmetric (M_l^T = M_l), so the folded layer is V' = V M_l, beta' = beta + V b_l.
+reparameterize(model) does this for every adapter and removes them all: zero inference cost.
 
 The file reads in the paper's order: the method (SharedProjection, ARCAdapter, fold,
 reparameterize), then what trains and is saved (mark_trainable, arc_state_dict,
@@ -122,7 +122,7 @@ def reparameterize(model):
     for name, adapter in adapters:
         for layer, parent in _feeds(model, name):
             shift = fold(adapter, layer)
-            if _weight_and_bias(layer)[1] is None:
+            if _weight_and_bias(layer)[1] is None:  # a key projection, or timm's BEiT's qkv
                 _place_bias_shift(parent, shift)
     for module in list(model.modules()):
         hooks = vars(module).pop("adapter_hooks", [])  # a block that add_adapters hooked
@@ -216,7 +216,8 @@ def state_dict_mismatch(expected, given):
 # ARC on a model you already have: add_adapters, the families it recognises, their heads, and the
 # hooks that make a block's adapter act although the block's forward does not call it.
 
-METHODS = {"arc": ("att", "ffn"), "arc_att": ("att",)}  # method -> its adapter positions
+# method -> its adapter positions (vit.py and swin.py check their `arc` against it too)
+METHODS = {"arc": ("att", "ffn"), "arc_att": ("att",)}
 
 
 def add_adapters(model, rank=50, method="arc", dropout=0.1, targets=None):
@@ -390,12 +391,13 @@ def _after_norms(model):
 
 
 def _expand(patterns):
-    """A pattern or list of patterns as a list, each "{a,b}" written out: "x.{q,k}" -> x.q, x.k."""
+    """A pattern or list of patterns as a list, each "{a,b}" written out: "x.{q,k}" -> x.q, x.k (a
+    pattern without braces is its own one option)."""
     expanded = []
     for pattern in [patterns] if isinstance(patterns, str) else patterns:
-        start, brace, rest = pattern.partition("{")
+        start, _, rest = pattern.partition("{")
         options, _, end = rest.partition("}")
-        expanded += [start + option + end for option in options.split(",")] if brace else [pattern]
+        expanded += [start + option + end for option in options.split(",")]
     return expanded
 
 
@@ -426,8 +428,9 @@ def _blocks(model, modules, patterns, position):
             )
         for name in matches:
             name_parts = name.split(".")
-            block = ".".join(name_parts[: len(name_parts) - inside])
-            layer = ".".join(name_parts[len(name_parts) - inside :] + [linear]).strip(".")
+            cut = len(name_parts) - inside
+            block = ".".join(name_parts[:cut])
+            layer = ".".join(name_parts[cut:] + [linear]).strip(".")
             hooked = modules[name]
             layer_module = hooked.get_submodule(linear) if linear else hooked
             blocks.setdefault(block, []).append((hooked, layer_module, layer))
