@@ -16,8 +16,10 @@ W_ffn, every c_l and b_l and the classifier head train: 2 (d r + L (r + d)) para
 0.13M for a ViT-B/16 with r = 50 and a 47-class head. A Swin, whose stages differ in width, gets a W
 per stage.
 
-A_l is linear, so it folds into the layer it feeds. With M_l = I + W diag(c_l) W^T (symmetric) and a
-following linear map y = a Wt^T + beta, the folded map is Wt' = Wt M_l, beta' = beta + Wt b_l.
+A_l is linear, so it folds into the layer it feeds. Without dropout (in eval mode), A_l(h) = h M_l +
+b_l with M_l = I + W diag(c_l) W^T. Let that layer be y = a V^T + beta, its input a = A_l(h), its
+weight V in R^{out x d}. Then y = h M_l V^T + (beta + V b_l) = h (V M_l^T)^T + (beta + V b_l), and
+M_l is symmetric (M_l^T = M_l), so the folded layer is V' = V M_l, beta' = beta + V b_l.
 reparameterize(model) does this for every adapter and removes them all: zero inference cost.
 
 The file reads in the paper's order: the method (SharedProjection, ARCAdapter, fold,
@@ -40,8 +42,6 @@ import re
 import torch
 import torch.nn as nn
 
-METHODS = {"arc": ("att", "ffn"), "arc_att": ("att",)}  # method -> its adapter positions
-
 
 class SharedProjection(nn.Module):
     """W in R^{d x r}: the down-projection shared by all adapters at one position (and width)."""
@@ -55,43 +55,47 @@ class SharedProjection(nn.Module):
 class ARCAdapter(nn.Module):
     """A_l(h) = h + dropout(h W diag(c_l)) W^T + b_l, for one layer at one position.
 
-    `down_proj` is the position's SharedProjection, owned by the model and shared by every layer, so
-    an adapter refers to it without registering it: it is saved and trained once. `identity_init`
-    starts c_l at zero, so that the adapter starts as the identity (the official attention side).
+    `down_proj` is the position's SharedProjection, owned by the model and shared by every layer.
+    An adapter refers to it without registering it as a submodule, so adapter.to() does not move W,
+    the adapter's state_dict() leaves W out, and the model saves and trains W once.
+
+    `position` ("att" or "ffn") sets c_l's first value as the official code does: zeros on the
+    attention side, so that the adapter starts as the identity, xavier-uniform on the FFN side.
     """
 
-    def __init__(self, down_proj, dropout=0.1, identity_init=False):
+    def __init__(self, down_proj, position, dropout=0.1):
         super().__init__()
         dim, rank = down_proj.weight.shape
         object.__setattr__(self, "down_proj", down_proj)  # a plain reference, not a submodule
-        self.scale = nn.Parameter(torch.zeros(rank))  # c_l
+        self.dropout = nn.Dropout(dropout)
         # b_l starts at zero, so that c_l alone shapes the adapter at first
         self.bias = nn.Parameter(torch.zeros(dim))
-        self.dropout = nn.Dropout(dropout)
-        if not identity_init:
-            # The official FFN side: c_l xavier-uniform, as a (1, r) matrix. W's gradient is
-            # proportional to c_l, so with every c_l at zero this side's W could not learn.
+        # c_l. The official FFN-side init is xavier-uniform, as a (1, r) matrix. With c_l = 0, as on
+        # the attention side, W gets no gradient from this adapter until c_l moves.
+        self.scale = nn.Parameter(torch.zeros(rank))
+        if position == "ffn":
             nn.init.xavier_uniform_(self.scale.data.view(1, rank))
 
     def forward(self, h):  # h: (..., d), the normed tokens
-        down_proj = self.down_proj.weight  # W: (d, r)
-        low_rank = self.dropout((h @ down_proj) * self.scale)  # h W diag(c_l): (..., r)
-        return h + low_rank @ down_proj.T + self.bias  # back up through W^T: (..., d)
+        down = self.down_proj.weight  # W: (d, r)
+        low_rank = self.dropout((h @ down) * self.scale)  # h W diag(c_l): (..., r)
+        return h + low_rank @ down.T + self.bias  # back up through W^T: (..., d)
 
 
 @torch.no_grad()
 def fold(adapter, layer):
     """Fold `adapter` into the nn.Linear (or nn.MultiheadAttention's q, k, v projection) that it
-    feeds, in place: Wt' = Wt M_l, beta' = beta + Wt b_l. It computes in float64, as
-    Wt + ((Wt W) diag(c_l)) W^T, which never forms the d x d matrix M_l. Returns Wt b_l, which the
-    caller places itself when the layer has no bias (see reparameterize)."""
-    weight, bias = _weight_and_bias(layer)
-    full = weight.double()  # Wt: (out, d)
-    down_proj = adapter.down_proj.weight.double()  # W: (d, r)
-    shift = full @ adapter.bias.double()  # Wt b_l: (out,)
-    weight.copy_(full + ((full @ down_proj) * adapter.scale.double()) @ down_proj.T)
-    if bias is not None:
-        bias.copy_(bias.double() + shift)
+    feeds, in place: V' = V M_l, beta' = beta + V b_l, V being the layer's weight and beta its bias.
+    It computes in float64, as V + ((V W) diag(c_l)) W^T, which never forms the d x d matrix M_l.
+    Returns V b_l, which the caller places itself when the layer has no bias (see
+    reparameterize)."""
+    layer_weight, layer_bias = _weight_and_bias(layer)
+    weight = layer_weight.double()  # V: (out, d)
+    down = adapter.down_proj.weight.double()  # W: (d, r)
+    shift = weight @ adapter.bias.double()  # V b_l: (out,)
+    layer_weight.copy_(weight + ((weight @ down) * adapter.scale.double()) @ down.T)
+    if layer_bias is not None:
+        layer_bias.copy_(layer_bias.double() + shift)
     return shift
 
 
@@ -118,12 +122,8 @@ def reparameterize(model):
     for name, adapter in adapters:
         for layer, parent in _feeds(model, name):
             shift = fold(adapter, layer)
-            if _weight_and_bias(layer)[1] is None and hasattr(parent, "q_bias"):
-                # timm's BEiT adds q and v biases itself; the keys' share is dropped exactly (see
-                # _check_foldable)
-                query, _, value = shift.chunk(3)
-                parent.q_bias += query.to(parent.q_bias.dtype)
-                parent.v_bias += value.to(parent.v_bias.dtype)
+            if _weight_and_bias(layer)[1] is None:  # a key projection, or timm's BEiT's qkv
+                _place_bias_shift(parent, shift)
     for module in list(model.modules()):
         hooks = vars(module).pop("adapter_hooks", [])  # a block that add_adapters hooked
         for handle in hooks:
@@ -163,25 +163,10 @@ def is_arc(module):
     return isinstance(module, (SharedProjection, ARCAdapter))
 
 
-# The classifier heads that head="auto" trains: those of these names that are an nn.Linear. timm,
-# vit.py, swin.py and torchvision's Swin: head (a distilled DeiT adds head_dist, half its logits);
-# timm's Swin: head.fc; torchvision's ViT: heads.head; transformers: classifier, or for a DeiT with
-# teacher cls_classifier and distillation_classifier. A pooling module of the backbone that bears
-# one of these names (SigLIP's attention-pooling head) is no nn.Linear, so it stays frozen.
-HEADS = (
-    "head",
-    "head_dist",
-    "head.fc",
-    "heads.head",
-    "classifier",
-    "cls_classifier",
-    "distillation_classifier",
-)
-
-
 def mark_trainable(model, head="auto"):
     """Freeze everything but the ARC tensors and the classifier head; return the number of trainable
-    parameters. head: "auto" (see HEADS), the name of the head module, or None for no head."""
+    parameters. head: "auto" (the classifier heads that the model's family names, see HEADS), the
+    name of the head module, or None for no head."""
     trainable = arc_state_dict(model, head).keys()
     for name, param in model.named_parameters():
         param.requires_grad_(name in trainable)
@@ -200,46 +185,39 @@ def arc_state_dict(model, head="auto"):
 def load_arc_state_dict(model, state_dict, head="auto"):
     """Load an arc_state_dict() into `model` (its frozen weights already loaded); the names and
     shapes must match exactly."""
-    expected = arc_state_dict(model, head)
-    missing = sorted(expected.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - expected.keys())
-    wrong = [
-        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state_dict and state_dict[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong:
+    mismatch = state_dict_mismatch(arc_state_dict(model, head), state_dict)
+    if mismatch:
         raise ValueError(
-            f"adapter checkpoint does not fit this model: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}, shapes (file vs model) {wrong[:3]} (saved from another model, "
+            f"adapter checkpoint does not fit this model: {mismatch} (saved from another model, "
             f"method or rank?)"
         )
     model.load_state_dict(state_dict, strict=False)
     return model
 
 
-def _heads(model, head):
-    """The names of the head modules to train, for mark_trainable's `head`."""
-    modules = dict(model.named_modules())
-    if head is None:
-        return []
-    if head != "auto" and head not in modules:
-        raise ValueError(f"{type(model).__name__} has no module {head!r} to train as its head")
-    if head != "auto":
-        return [head]
-    heads = [name for name in HEADS if isinstance(modules.get(name), nn.Linear)]
-    if not heads:
-        raise ValueError(
-            f"{type(model).__name__} has no classifier head (an nn.Linear named "
-            f"{', '.join(HEADS)}): pass head=<the name of its head>, or head=None to train the "
-            f"adapters alone"
+def state_dict_mismatch(expected, given):
+    """What keeps the state dict `given` from being `expected`'s names and shapes, in words; "" when
+    nothing does."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    wrong = [
+        f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+        for k, v in given.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if missing or unexpected or wrong:
+        return (
+            f"missing {missing[:4]}, unexpected {unexpected[:4]}, shapes file vs model {wrong[:4]}"
         )
-    return heads
+    return ""
 
 
 # --------------------------------------------------------------------------------------------------
-# ARC on a model you already have: add_adapters, the families it recognises, and the hooks that make
-# a block's adapter act although the block's forward does not call it.
+# ARC on a model you already have: add_adapters, the families it recognises, their heads, and the
+# hooks that make a block's adapter act although the block's forward does not call it.
+
+# method -> its adapter positions (vit.py and swin.py check their `arc` against it too)
+METHODS = {"arc": ("att", "ffn"), "arc_att": ("att",)}
 
 
 def add_adapters(model, rank=50, method="arc", dropout=0.1, targets=None):
@@ -273,29 +251,31 @@ def add_adapters(model, rank=50, method="arc", dropout=0.1, targets=None):
         )
     modules = dict(model.named_modules())
     rotary = any("Rotary" in type(module).__name__ for module in modules.values())
-    plan = {}  # position -> [(where W goes, {block: sites})]: all checked before anything changes
+    # (position, W's owner, W's name, {block: sites}): all checked before anything changes
+    plan = []
     for position in positions:
-        by_width = {}
+        by_width = {}  # the width d of the tokens -> {block: sites}
         for block, sites in _blocks(model, modules, targets[position], position).items():
             _check_block(modules[block], block, position, sites, rotary)
-            by_width.setdefault(_width(block, sites), {})[block] = sites
+            width = _weight_and_bias(sites[0][1])[0].shape[-1]
+            by_width.setdefault(width, {})[block] = sites
         owners = {width: _owner(modules, blocks) for width, blocks in by_width.items()}
-        plan[position] = []
         for width, blocks in by_width.items():
+            owner = owners[width]
             name = f"down_proj_{position}"
-            if list(owners.values()).count(owners[width]) > 1:
+            if (
+                list(owners.values()).count(owner) > 1
+            ):  # several widths share it: W's name says which
                 name += f"_{width}"
-            _check_free(modules[owners[width]], owners[width], name)
-            plan[position].append((f"{owners[width]}.{name}".lstrip("."), blocks))
-    for position, groups in plan.items():
-        for where, blocks in groups:
-            # the new tensors go where the layers they feed are, in their dtype
-            like = _weight_and_bias(next(iter(blocks.values()))[0][1])[0]
-            down_proj = SharedProjection(like.shape[-1], rank).to(like.device, like.dtype)
-            owner, _, name = where.rpartition(".")
-            setattr(modules[owner], name, down_proj)
-            for block, sites in blocks.items():
-                _attach(modules[block], position, down_proj, sites, dropout, model.training)
+            _check_free(modules[owner], owner, name)
+            plan.append((position, modules[owner], name, blocks))
+    for position, owner, name, blocks in plan:
+        # the new tensors go where the layers they feed are, in their dtype
+        like = _weight_and_bias(next(iter(blocks.values()))[0][1])[0]
+        down_proj = SharedProjection(like.shape[-1], rank).to(like.device, like.dtype)
+        setattr(owner, name, down_proj)
+        for block, sites in blocks.items():
+            _attach(modules[block], position, down_proj, sites, dropout, model.training)
     return model
 
 
@@ -345,13 +325,46 @@ FAMILIES = {
 }
 
 
+# The classifier heads that head="auto" trains: those of these names that are an nn.Linear. timm,
+# vit.py, swin.py and torchvision's Swin: head (a distilled DeiT adds head_dist, half its logits);
+# timm's Swin: head.fc; torchvision's ViT: heads.head; transformers: classifier, or for a DeiT with
+# teacher cls_classifier and distillation_classifier. A pooling module of the backbone that bears
+# one of these names (SigLIP's attention-pooling head) is no nn.Linear, so it stays frozen.
+HEADS = (
+    "head",
+    "head_dist",
+    "head.fc",
+    "heads.head",
+    "classifier",
+    "cls_classifier",
+    "distillation_classifier",
+)
+
+
+def _heads(model, head):
+    """The names of the head modules to train, for mark_trainable's `head`."""
+    modules = dict(model.named_modules())
+    if head is None:
+        return []
+    if head != "auto":
+        if head not in modules:
+            raise ValueError(f"{type(model).__name__} has no module {head!r} to train as its head")
+        return [head]
+    heads = [name for name in HEADS if isinstance(modules.get(name), nn.Linear)]
+    if not heads:
+        raise ValueError(
+            f"{type(model).__name__} has no classifier head (an nn.Linear named "
+            f"{', '.join(HEADS)}): pass head=<the name of its head>, or head=None to train the "
+            f"adapters alone"
+        )
+    return heads
+
+
 def recognise(model):
     """The targets of the first family in FAMILIES whose every pattern names a module of `model`."""
     names = [name for name, _ in model.named_modules()]
     for targets in FAMILIES.values():
-        patterns = [p for listed in targets.values() for p in _expand(listed)]
-        regexes = [_regex(pattern.partition(":")[0]) for pattern in patterns]
-        if all(any(regex.fullmatch(name) for name in names) for regex in regexes):
+        if all(_matches(names, p) for listed in targets.values() for p in _expand(listed)):
             return targets
     raise ValueError(
         f"add_adapters does not recognise {type(model).__name__} (see arc.FAMILIES): name the "
@@ -378,20 +391,24 @@ def _after_norms(model):
 
 
 def _expand(patterns):
-    """A pattern or list of patterns as a list, each "{a,b}" written out: "x.{q,k}" -> x.q, x.k."""
+    """A pattern or list of patterns as a list, each "{a,b}" written out: "x.{q,k}" -> x.q, x.k (a
+    pattern without braces is its own one option)."""
     expanded = []
     for pattern in [patterns] if isinstance(patterns, str) else patterns:
-        start, brace, rest = pattern.partition("{")
+        start, _, rest = pattern.partition("{")
         options, _, end = rest.partition("}")
-        expanded += [start + option + end for option in options.split(",")] if brace else [pattern]
+        expanded += [start + option + end for option in options.split(",")]
     return expanded
 
 
-def _regex(pattern):
-    """A module-name pattern as a regex over full names: any prefix, then the parts, '*' being any
-    one part."""
-    parts = [r"[^.]+" if part == "*" else re.escape(part) for part in pattern.split(".")]
-    return re.compile(r"(?:.*\.)?" + r"\.".join(parts))
+def _matches(names, pattern):
+    """The module names that a pattern's hooked module (before any ':') names: any prefix, then the
+    pattern's parts, '*' being any one part."""
+    parts = pattern.partition(":")[0].split(".")
+    regex = r"(?:.*\.)?" + r"\.".join(
+        r"[^.]+" if part == "*" else re.escape(part) for part in parts
+    )
+    return [name for name in names if name and re.fullmatch(regex, name)]
 
 
 def _blocks(model, modules, patterns, position):
@@ -404,16 +421,16 @@ def _blocks(model, modules, patterns, position):
         parts = hooked_pattern.split(".")
         stars = [i for i, part in enumerate(parts) if part == "*"]
         inside = len(parts) - 1 - stars[-1] if stars else 1  # how many parts lie inside a block
-        regex = _regex(hooked_pattern)
-        matches = [name for name in modules if name and regex.fullmatch(name)]
+        matches = _matches(modules, pattern)
         if not matches:
             raise ValueError(
                 f"targets[{position!r}] = {pattern!r} names no module of {type(model).__name__}"
             )
         for name in matches:
             name_parts = name.split(".")
-            block = ".".join(name_parts[: len(name_parts) - inside])
-            layer = ".".join(name_parts[len(name_parts) - inside :] + [linear]).strip(".")
+            cut = len(name_parts) - inside
+            block = ".".join(name_parts[:cut])
+            layer = ".".join(name_parts[cut:] + [linear]).strip(".")
             hooked = modules[name]
             layer_module = hooked.get_submodule(linear) if linear else hooked
             blocks.setdefault(block, []).append((hooked, layer_module, layer))
@@ -450,17 +467,9 @@ def _check_foldable(name, layer, parent, rotary):
             f"which normalises q and k (and in torchvision zeroes k's bias): ARC's bias would not "
             f"fold. Not supported"
         )
-    weight, bias = _weight_and_bias(layer)
-    if weight is None:
-        raise ValueError(
-            f"{name} keeps q, k and v in separate weights (kdim or vdim set): not supported"
-        )
-    if bias is not None:
+    if _weight_and_bias(layer)[1] is not None:
         return
-    # A vector added to every key adds the same number to all of one query's attention logits, which
-    # the softmax ignores: a key projection needs no bias to fold into. Nor does a q, k, v
-    # projection whose module adds q and v biases itself (timm's BEiT), the keys' share being
-    # dropped.
+    # a key projection needs no bias to fold into, nor timm's BEiT's qkv (see _place_bias_shift)
     if not (name.endswith(("key", "k_proj")) or getattr(parent, "q_bias", None) is not None):
         raise ValueError(
             f"{name} has no bias, so ARC's b_l could only be folded into it by adding a tensor "
@@ -475,15 +484,17 @@ def _check_foldable(name, layer, parent, rotary):
         )
 
 
-def _width(block_name, sites):
-    """The width d of the tokens that one block's adapter transforms."""
-    widths = {_weight_and_bias(layer)[0].shape[-1] for _, layer, _ in sites}
-    if len(widths) != 1:
-        raise ValueError(
-            f"the layers of {block_name} that one adapter feeds take different widths "
-            f"{sorted(widths)}"
-        )
-    return widths.pop()
+@torch.no_grad()
+def _place_bias_shift(parent, shift):
+    """Place V b_l (fold's return) for a layer without a bias. A vector added to every key adds the
+    same number to all of one query's attention logits, which the softmax ignores: the keys' share
+    is dropped exactly. A key projection (transformers' BEiT) needs nothing more; timm's BEiT, whose
+    qkv has no bias, adds q and v biases itself, which take the queries' and values' shares. Only
+    where nothing position-dependent acts on the keys first (see _check_foldable's rotary check)."""
+    if hasattr(parent, "q_bias"):
+        query, _, value = shift.chunk(3)  # (3 * dim,) -> q, k, v: (dim,) each
+        parent.q_bias += query.to(parent.q_bias.dtype)
+        parent.v_bias += value.to(parent.v_bias.dtype)
 
 
 CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)  # their users iterate every child
@@ -518,7 +529,7 @@ def _has_slot(block, position):
 def _attach(block, position, down_proj, sites, dropout, training):
     """One adapter for `block`, in the model's mode (its dropout off in eval): into its slot, or
     hooked onto the modules it feeds, the block then saying what they are in its adapter_feeds."""
-    adapter = ARCAdapter(down_proj, dropout, identity_init=position == "att")
+    adapter = ARCAdapter(down_proj, position, dropout)
     adapter.to(down_proj.weight.device, down_proj.weight.dtype).train(training)
     slot = f"adapter_{position}"
     if _has_slot(block, position):
@@ -530,7 +541,7 @@ def _attach(block, position, down_proj, sites, dropout, training):
     hooks = vars(block).setdefault("adapter_hooks", [])
     hook = AdapterHook(adapter, feeds)
     for hooked in dict.fromkeys(hooked for hooked, _, _ in sites):  # each module once
-        hooks.append(hooked.register_forward_pre_hook(hook.adapt, with_kwargs=True))
+        hooks.append(hooked.register_forward_pre_hook(hook.adapt))
     hooks.append(block.register_forward_hook(hook.check))
 
 
@@ -544,11 +555,11 @@ class AdapterHook:
         self.feeds = feeds  # the names of the layers it feeds, for the error
         self.pending = None  # (tokens, adapter(tokens)) while the block's forward runs
 
-    def adapt(self, module, args, kwargs):
-        """The tokens, wherever the module is given them again (nn.MultiheadAttention's query, key
-        and value), become A(tokens). Modules fed the same tensor (q, k and v projections) share one
-        computation, hence one dropout mask."""
-        tokens = args[0] if args else next(iter(kwargs.values()))
+    def adapt(self, module, args):
+        """The tokens, the module's first argument, become A(tokens), wherever the module is given
+        them (nn.MultiheadAttention's query, key and value). Modules fed the same tensor (q, k and v
+        projections) share one computation, hence one dropout mask."""
+        tokens = args[0]
         # torchvision's Swin attention, given a (B, H, W, C) map (timm's is given windows); the
         # check needs a real tensor, not torch.fx's stand-in
         if (
@@ -560,9 +571,7 @@ class AdapterHook:
         if self.pending is None or self.pending[0] is not tokens:
             self.pending = (tokens, self.adapter(tokens))
         adapted = self.pending[1]
-        args = tuple(adapted if value is tokens else value for value in args)
-        kwargs = {key: adapted if value is tokens else value for key, value in kwargs.items()}
-        return args, kwargs
+        return tuple(adapted if value is tokens else value for value in args)
 
     def check(self, block, args, output):
         """After the block's forward, whichever module was called first: the adapter must have

@@ -34,8 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import StochasticDepth
 
-from arc import ARCAdapter, SharedProjection
-from vit import load_backbone, published, read_checkpoint
+from arc import METHODS, ARCAdapter, SharedProjection
+from vit import Mlp, load_backbone, published, read_checkpoint
 
 CONFIGS = {  # name -> width of the first stage, blocks per stage, heads per stage
     "swin_t": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
@@ -94,9 +94,8 @@ def shift_mask(resolution, window, shift):
     """(num_windows, N, N): -100 between tokens that the cyclic shift brought together from
     different regions of the image (they are not neighbours), 0 elsewhere. Microsoft's value and
     regions."""
-    band = torch.zeros(
-        resolution, dtype=torch.long
-    )  # per axis: untouched, last window, wrapped around
+    # per axis, three regions: untouched, the last window, wrapped around
+    band = torch.zeros(resolution, dtype=torch.long)
     band[-window:] = 1
     band[-shift:] = 2
     region = (band[:, None] * 3 + band[None, :])[None, :, :, None]
@@ -127,28 +126,16 @@ class WindowAttention(nn.Module):
         windows = 1 if mask is None else len(mask)
         qkv = self.qkv(x).view(B // windows, windows, N, 3, self.heads, C // self.heads)
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).flatten(2, 3)
-        bias = self.relative_position_bias_table[self.relative_position_index].permute(
-            2, 0, 1
-        )  # (heads, N, N)
+        bias = self.relative_position_bias_table[self.relative_position_index]  # (N, N, heads)
+        bias = bias.permute(2, 0, 1)  # (heads, N, N)
         if mask is not None:
             bias = (bias + mask[:, None]).flatten(0, 1)  # (windows * heads, N, N)
         # 4-D, (1, ..., N, N): given a 3-D mask, torch's fused CPU kernel is skipped for the slow
         # path
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None].to(q.dtype))
-        x = x.view(B // windows, windows, self.heads, N, -1).transpose(
-            2, 3
-        )  # (images, windows, N, heads, hd)
+        x = x.view(B // windows, windows, self.heads, N, -1)  # (images, windows, heads, N, hd)
+        x = x.transpose(2, 3)  # (images, windows, N, heads, hd)
         return self.proj(x.reshape(B, N, C))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class Block(nn.Module):
@@ -178,7 +165,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, heads, window)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, 4 * dim)
+        self.mlp = Mlp(dim, 4 * dim)  # vit.py's: fc1, GELU, fc2, its dropout left at 0
         # stochastic depth, one rate for both branches: a whole sample's branch is dropped
         self.drop_path = StochasticDepth(drop_path, mode="row")
         self.adapter_feeds = FEEDS[ffn_adapter]  # where arc.reparameterize folds the adapters
@@ -273,16 +260,15 @@ class SwinTransformer(nn.Module):
         ffn_adapter="norm2",
     ):
         super().__init__()
-        if arc not in (None, "arc", "arc_att"):
-            raise ValueError(f"arc must be None, 'arc' or 'arc_att', not {arc!r}")
+        if arc not in (None, *METHODS):
+            raise ValueError(f"arc must be None or one of {list(METHODS)}, not {arc!r}")
         if ffn_adapter not in FEEDS:
             raise ValueError(
                 f"ffn_adapter must be 'norm2' (foldable) or 'residual' (the official ARC Swin's), "
                 f"not {ffn_adapter!r}"
             )
-        if (
-            ffn_adapter == "residual" and not arc
-        ):  # else arc.add_adapters would later feed its adapter to fc1
+        # else arc.add_adapters would later feed its adapter to fc1
+        if ffn_adapter == "residual" and not arc:
             raise ValueError(
                 "ffn_adapter='residual' places ARC's FFN adapter: build the model with arc='arc'"
             )
@@ -305,9 +291,8 @@ class SwinTransformer(nn.Module):
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(3, dim, patch_size, patch_size)
         self.patch_embed.norm = nn.LayerNorm(dim)
-        rates = torch.linspace(
-            0, drop_path, sum(depths), device="cpu"
-        ).tolist()  # over all blocks of all stages
+        # one stochastic-depth rate per block, over all blocks of all stages
+        rates = torch.linspace(0, drop_path, sum(depths), device="cpu").tolist()
         self.layers = nn.ModuleList(
             Stage(
                 dim * 2**s,
@@ -321,26 +306,24 @@ class SwinTransformer(nn.Module):
             )
             for s, depth in enumerate(depths)
         )
-        self.norm = nn.LayerNorm(dim * 2 ** (len(depths) - 1))
-        self.head = nn.Linear(dim * 2 ** (len(depths) - 1), num_classes)
+        final_dim = dim * 2 ** (len(depths) - 1)
+        self.norm = nn.LayerNorm(final_dim)
+        self.head = nn.Linear(final_dim, num_classes)
         # the official ARC Swin's head init (its ViT's is zeros): timm's trunc_normal_(std=0.02),
         # whose bounds are absolute, +-2: 100 std, so in effect a normal distribution
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
         # ARC: per stage (the stages differ in width) and position one W, shared by the adapters of
-        # the stage's blocks; the attention side's adapters start as the identity
-        if arc:
-            for s, stage in enumerate(self.layers):
+        # the stage's blocks
+        for s, stage in enumerate(self.layers):
+            if arc:
                 stage.down_proj_att = SharedProjection(dim * 2**s, rank)
                 for block in stage.blocks:
-                    block.adapter_att = ARCAdapter(
-                        stage.down_proj_att, adapter_dropout, identity_init=True
-                    )
-        if arc == "arc":
-            for s, stage in enumerate(self.layers):
+                    block.adapter_att = ARCAdapter(stage.down_proj_att, "att", adapter_dropout)
+            if arc == "arc":
                 stage.down_proj_ffn = SharedProjection(dim * 2**s, rank)
                 for block in stage.blocks:
-                    block.adapter_ffn = ARCAdapter(stage.down_proj_ffn, adapter_dropout)
+                    block.adapter_ffn = ARCAdapter(stage.down_proj_ffn, "ffn", adapter_dropout)
 
     def forward(self, images):
         x = self.patch_embed.norm(self.patch_embed.proj(images).flatten(2).transpose(1, 2))

@@ -1062,7 +1062,7 @@ def assert_loaded_like_google(model, arrays):
         f"Transformer/encoderblock_{len(model.blocks) - 1}/MultiHeadDotProductAttention_1/",
     )
     with torch.no_grad():
-        patch = torch.randn(1, 3, model.patch_size, model.patch_size)
+        patch = torch.randn(1, 3, *model.patch_embed.proj.kernel_size)
         expected = torch.einsum("chw,hwco->o", patch[0], t("embedding/kernel")) + t(
             "embedding/bias"
         )

@@ -1,5 +1,9 @@
-"""Vision Transformer (Dosovitskiy et al., 2021) from scratch, with optional ARC adapters (arc.py),
-and its published weights. Depends on torch, numpy (for Google's .npz files) and arc.py: copy the
+"""The Vision Transformer (ViT, Dosovitskiy et al., 2021) that ARC fine-tunes, written from scratch:
+patches embedded by a strided convolution, a cls token and position embeddings, pre-norm blocks of
+multi-head attention and MLP, and a linear head on the cls token. With ARC (arc.py), each block
+calls its two adapters explicitly, x = x + attn(adapter_att(norm1(x))) and x = x +
+mlp(adapter_ffn(norm2(x))), the form the paper gives; without ARC they are identities. The file also
+reads the published weights. Depends on torch, numpy (for Google's .npz files) and arc.py: copy the
 two together.
 
     model = vit_b16(num_classes=47, arc="arc")  # or arc="arc_att", or arc=None (plain ViT)
@@ -8,10 +12,8 @@ two together.
     logits = model(images)  # images: (B, 3, 224, 224), normalised
 
 Parameter names follow timm (cls_token, pos_embed, blocks.{i}.attn.qkv, ...), so timm state dicts
-load as they are, and a folded model loads into timm's. Each block calls its adapters explicitly, x
-= x + attn(adapter_att(norm1(x))), the form the paper gives; without ARC they are identities, and
-arc.add_adapters fills them (W: down_proj_att, down_proj_ffn; c_l, b_l:
-blocks.{i}.adapter_{att,ffn}).
+load as they are, and a folded model loads into timm's. ARC's tensors are down_proj_att and
+down_proj_ffn (each a W, shared by all blocks) and blocks.{i}.adapter_{att,ffn} (c_l, b_l).
 
 `dropout` is the official ARC ViT's "vit_drop": one rate after the position embedding, after the
 MLP's GELU and after its fc2; none in attention. It has no parameters, so state dicts do not change.
@@ -28,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arc import ARCAdapter, SharedProjection, arc_state_dict
+from arc import METHODS, ARCAdapter, SharedProjection, arc_state_dict, state_dict_mismatch
 
 CONFIGS = {  # name -> patch size, width, depth, heads, MLP width
     "vit_t16": (16, 192, 12, 3, 768),
@@ -66,8 +68,9 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)
+        qkv = self.qkv(x).view(B, N, 3, self.heads, C // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (3, B, heads, N, head_dim)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -87,7 +90,8 @@ class Block(nn.Module):
     """x = x + MHA(A_att(LN1(x))); x = x + FFN(A_ffn(LN2(x))). The adapters are identities until
     the model puts ARC's there (VisionTransformer)."""
 
-    adapter_feeds = {"adapter_att": ["attn.qkv"], "adapter_ffn": ["mlp.fc1"]}  # for the fold
+    # tells arc.reparameterize which layer each adapter's output enters, to fold it there
+    adapter_feeds = {"adapter_att": ["attn.qkv"], "adapter_ffn": ["mlp.fc1"]}
 
     def __init__(self, dim, heads, mlp_dim, dropout=0.0):
         super().__init__()
@@ -119,8 +123,8 @@ class VisionTransformer(nn.Module):
         dropout=0.0,
     ):
         super().__init__()
-        if arc not in (None, "arc", "arc_att"):
-            raise ValueError(f"arc must be None, 'arc' or 'arc_att', not {arc!r}")
+        if arc not in (None, *METHODS):
+            raise ValueError(f"arc must be None or one of {list(METHODS)}, not {arc!r}")
         if img_size % patch_size:
             raise ValueError(
                 f"img_size {img_size} is not a multiple of the patch size {patch_size}"
@@ -128,7 +132,7 @@ class VisionTransformer(nn.Module):
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), not {dropout}")
         self.config = (patch_size, dim, depth, heads, mlp_dim)
-        self.patch_size = patch_size
+        # an empty module holding .proj, so that the weights are named patch_embed.proj as in timm
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(3, dim, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -140,24 +144,20 @@ class VisionTransformer(nn.Module):
         # as the official recipe: the new task starts from zero logits
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
-        # ARC: per position one W, shared by every block's adapter; the attention side's adapters
-        # start as the identity
+        # ARC: per position one W, shared by every block's adapter
         if arc:
             self.down_proj_att = SharedProjection(dim, rank)
             for block in self.blocks:
-                block.adapter_att = ARCAdapter(
-                    self.down_proj_att, adapter_dropout, identity_init=True
-                )
+                block.adapter_att = ARCAdapter(self.down_proj_att, "att", adapter_dropout)
         if arc == "arc":
             self.down_proj_ffn = SharedProjection(dim, rank)
             for block in self.blocks:
-                block.adapter_ffn = ARCAdapter(self.down_proj_ffn, adapter_dropout)
+                block.adapter_ffn = ARCAdapter(self.down_proj_ffn, "ffn", adapter_dropout)
 
-    def forward(self, images):
-        x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
-        x = self.pos_drop(
-            torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
-        )
+    def forward(self, images):  # images: (B, 3, H, W)
+        x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)  # (B, N, dim), N patches
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1)  # (B, 1 + N, dim)
+        x = self.pos_drop(x + self.pos_embed)
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x[:, 0]))
@@ -223,27 +223,19 @@ def published(model, configs, urls):
     return download(urls[name])
 
 
-def load_backbone(model, state_dict, source, head="head"):
-    """Load pretrained weights into every tensor of `model` but ARC's: all must be present with the
-    right shapes. The head is loaded only when its shape fits; else it stays as initialised, with a
-    warning."""
-    adapters = arc_state_dict(model, head=None)
-    own = {k: v for k, v in model.state_dict().items() if k not in adapters}
-    head_prefix = f"{head}."
-    heads = {k: v for k, v in own.items() if k.startswith(head_prefix)}
-    body = {k: v for k, v in state_dict.items() if not k.startswith(head_prefix)}
-    missing = [k for k in own if k not in body and k not in heads]
-    unexpected = [k for k in body if k not in own]
-    wrong = [
-        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
-        for k, v in body.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    if missing or unexpected or wrong:
+def load_backbone(model, state_dict, source):
+    """Load pretrained weights into every tensor of `model` but ARC's and the head's: all must be
+    present with the right shapes. The head is loaded only when its shape fits; else it stays as
+    initialised, with a warning."""
+    own = model.state_dict()
+    backbone = {k: v for k, v in own.items() if k not in arc_state_dict(model, "head")}
+    heads = {k: v for k, v in own.items() if k.startswith("head.")}
+    body = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+    mismatch = state_dict_mismatch(backbone, body)
+    if mismatch:
         raise CheckpointError(
-            f"{source} does not fit {type(model).__name__}: missing {missing[:4]}, unexpected "
-            f"{unexpected[:4]}, shapes file vs model {wrong[:4]} (is it a checkpoint of this "
-            f"architecture and size?)"
+            f"{source} does not fit {type(model).__name__}: {mismatch} (is it a checkpoint of "
+            f"this architecture and size?)"
         )
     if all(k in state_dict and state_dict[k].shape == v.shape for k, v in heads.items()):
         body.update({k: state_dict[k] for k in heads})
@@ -312,8 +304,9 @@ def resize_pos_embed(pos_embed, num_patches):
 def read_checkpoint(path):
     """The state dict in a weights file: a Google .npz (converted to timm's names), or a torch file
     (.pth, .bin, .pt), also when nested under 'model' or 'state_dict' (Microsoft's layout)."""
+    npz = str(path).endswith(".npz")
     try:
-        if str(path).endswith(".npz"):
+        if npz:
             with np.load(path) as arrays:
                 state_dict = dict(arrays)  # reads every array: a truncated one fails here
         else:
@@ -325,12 +318,12 @@ def read_checkpoint(path):
     except Exception as e:
         # torch's or numpy's own words; their first sentence says what is wrong, and the rest may
         # suggest loading the file unsafely, which a weights file never needs
-        kind = "a Google ViT .npz" if str(path).endswith(".npz") else "a torch state dict"
+        kind = "a Google ViT .npz" if npz else "a torch state dict"
         reason = str(e).partition("\n")[0].split(". ")[0]
         raise CheckpointError(
             f"{path}: unreadable as {kind} ({type(e).__name__}: {reason})"
         ) from None
-    if str(path).endswith(".npz"):
+    if npz:
         try:
             return convert_npz(state_dict)
         except KeyError as e:
