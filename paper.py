@@ -105,7 +105,8 @@ def settings(given, saved=None, auto_precision=("fp32", "auto")):
     """The run's settings, each with where it came from: the command line, the run being resumed,
     the recipe for its task and model, or DEFAULTS. Built once: (settings, sources, recipe's name).
     `auto_precision`: what --precision auto means here, and why."""
-    first = {**DEFAULTS, **(saved or {}), **given}
+    saved = saved or {}
+    first = {**DEFAULTS, **saved, **given}
     recipe_name, recipe_values = recipe(first["data"], first["model"])
     cfg, sources = {}, {}
     for key in DEFAULTS:
@@ -113,7 +114,7 @@ def settings(given, saved=None, auto_precision=("fp32", "auto")):
             (values[key], source)
             for source, values in (
                 ("command line", given),
-                ("run", saved or {}),
+                ("run", saved),
                 ("recipe", recipe_values),
                 ("default", DEFAULTS),
             )
@@ -129,7 +130,7 @@ def settings(given, saved=None, auto_precision=("fp32", "auto")):
                     f"{flag(key)} does not apply to {cfg['model']}: --vit-dropout is for ViTs, "
                     f"--drop-path and --swin-ffn-adapter for Swin"
                 )
-            cfg[key] = DEFAULTS[key] if key == "swin_ffn_adapter" else 0.0
+            cfg[key] = DEFAULTS[key]
             sources[key] = "n/a"
     if 0 < cfg["epochs"] <= cfg["warmup_epochs"] and sources["warmup_epochs"] != "run":
         if sources["warmup_epochs"] == "command line":
@@ -203,7 +204,7 @@ def suite_tasks(name):
     """The tasks of a suite (vtab-1k, fgvc) or of a comma-separated list; None for a single task."""
     if name in data.SUITES:
         return data.SUITES[name]
-    return [t.strip() for t in name.split(",") if t.strip()] if "," in name else None
+    return [task for task in name.split(",") if task] if "," in name else None
 
 
 def run_suite(given, seeds, out, ctx, resume, run_task):
@@ -226,17 +227,17 @@ def run_suite(given, seeds, out, ctx, resume, run_task):
         for seed in range(first_seed, first_seed + seeds):
             folder = os.path.join(task_folder, f"seed{seed}") if seeds > 1 else task_folder
             plan.append((task, seed, folder))
-    missing = {  # a finished run needs no data
-        task: data.missing(task, options["data_dir"])
-        for task, _, folder in plan
-        if not finished(folder, options.get("epochs"))
-    }
-    if any(missing.values()):
-        absent = ", ".join(f"{task} ({path} is missing)" for task, path in missing.items() if path)
-        others = ",".join(task for task in listed or [] if not missing.get(task))
+    missing = {}  # task: the path its data should be at; a finished run needs no data
+    for task, _, folder in plan:
+        path = data.missing(task, options["data_dir"])
+        if path and not finished(folder, options.get("epochs")):
+            missing[task] = path
+    if missing:
+        absent = ", ".join(f"{task} ({path} is missing)" for task, path in missing.items())
+        others = ",".join(task for task in listed or [] if task not in missing)
         raise UserError(
-            f"no data for {sum(map(bool, missing.values()))} of the {len(listed or [1])} tasks: "
-            f"{absent}. Put it there, or run the others: --data {others}"
+            f"no data for {len(missing)} of the {len(listed or [1])} tasks: {absent}. Put it "
+            f"there, or run the others: --data {others}"
         )
     suite = {**DEFAULTS, **options}
     results = {}
@@ -258,15 +259,13 @@ def run_suite(given, seeds, out, ctx, resume, run_task):
 
 
 def read_suite(path, out):
-    if not os.path.isfile(path):
-        raise UserError(f"--resume {out}: no suite.json there, so it is not a suite's folder")
     try:
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(
-            f"--resume {out}: {path} is unreadable ({type(e).__name__}: {e}); a suite's folder "
-            f"holds the suite.json it wrote"
+            f"--resume {out}: no suite.json there, or an unreadable one ({type(e).__name__}: {e}); "
+            f"a suite's folder holds the suite.json it wrote"
         ) from None
 
 

@@ -1,8 +1,8 @@
 """The runs/ folders train.py writes: one owner at a time, files written whole, finished runs found.
 
-    with owned("runs/dtd_vit_b16_arc"):              # made if need be, and locked for this process
+    with owned("runs/dtd_vit_b16_arc", fresh=True):  # made if need be, and locked for this process
         save_atomic(checkpoint, "runs/dtd_vit_b16_arc/checkpoint.pth")
-    finished("runs/dtd_vit_b16_arc")                  # its adapters.pth record, if the run is done
+    finished("runs/dtd_vit_b16_arc", epochs=100)      # its adapters.pth record, if the run is done
 
 A folder is locked with fcntl.flock on its .lock file: a second run on it is refused, and the kernel
 releases the lock when its process ends, however it ends. Every file is written to a temporary file
@@ -19,8 +19,6 @@ import tempfile
 import time
 
 import torch
-
-RUN_FILES = ("checkpoint.pth", "adapters.pth", "folded.pth", "suite.json")
 
 
 class UserError(Exception):
@@ -40,10 +38,6 @@ def owned(folder, fresh):
     """Make `folder` if need be and hold its lock while the block runs. `fresh`: a new run, which
     must not overwrite one. A folder made here and left empty (the run was refused) is removed
     again."""
-    if os.path.lexists(folder) and not os.path.isdir(folder):
-        raise UserError(
-            f"--out {folder} is a file or a broken link, not a folder: pass another --out"
-        )
     made = not os.path.exists(folder)
     lock_path = os.path.join(folder, ".lock")
     try:
@@ -61,7 +55,10 @@ def owned(folder, fresh):
                 f"{folder} is in use by another train.py that is still running: wait for it to "
                 f"end, or pass another --out"
             ) from None
-        if fresh and any(os.path.exists(os.path.join(folder, name)) for name in RUN_FILES):
+        if fresh and any(
+            os.path.exists(os.path.join(folder, name))
+            for name in ("checkpoint.pth", "adapters.pth", "folded.pth", "suite.json")
+        ):
             raise UserError(
                 f"{folder} already holds a run: continue it with --resume {folder}, or pass "
                 f"another --out"
@@ -104,7 +101,7 @@ def save_atomic(obj, path):
         ) from None
 
 
-def read_saved(path, option, keys, what, settings=()):
+def read_saved(path, option, keys, what, settings):
     """A file train.py wrote, holding at least the entries `keys`, and in its "config" the entries
     `settings`; `what` names the kind expected."""
     if not os.path.isfile(path):
@@ -114,32 +111,27 @@ def read_saved(path, option, keys, what, settings=()):
     except Exception as e:
         reason = str(e).strip().splitlines()[0][:200]
         raise UserError(f"{option} {path} is unreadable by torch.load ({reason})") from None
-    if not (isinstance(saved, dict) and set(keys) <= saved.keys()):
-        raise UserError(f"{option} {path} is not {what} written by train.py")
-    if not (isinstance(saved.get("config"), dict) and set(settings) <= saved["config"].keys()):
+    complete = isinstance(saved, dict) and set(keys) <= saved.keys()
+    if not (
+        complete and isinstance(saved["config"], dict) and set(settings) <= saved["config"].keys()
+    ):
         raise UserError(f"{option} {path} lacks the settings train.py records: it is not {what}")
     return saved
 
 
-def finished(out, epochs=None):
-    """The settings and result of the run in `out` if it has finished: its adapters.pth is written
-    last, after folded.pth where the run folds; trained for `epochs` if given; and its
-    checkpoint.pth, if kept, holds no more epochs (else the run was continued since)."""
-    adapters, checkpoint = os.path.join(out, "adapters.pth"), os.path.join(out, "checkpoint.pth")
+def finished(out, epochs):
+    """The settings and result of the run in `out` if it has finished: its adapters.pth, written
+    last, is there, and folded.pth too where the run folds; and it was trained for `epochs`, if
+    given (a run being extended has more). A folder that holds a checkpoint.pth goes to --resume,
+    which reads the epochs from there."""
+    adapters = os.path.join(out, "adapters.pth")
     if not os.path.exists(adapters):
         return None
     saved = read_saved(
         adapters, "--resume", ("config", "result"), "an adapters.pth", ("epochs", "folds")
     )
-    record = saved["config"]
-    try:  # unreadable: not finished, and --resume reports what is wrong with it
-        epochs_saved = len(torch.load(checkpoint, mmap=True, weights_only=True)["history"])
-    except FileNotFoundError:
-        epochs_saved = 0
-    except Exception:
+    if epochs is not None and saved["config"]["epochs"] != epochs:
         return None
-    if epochs is not None and record["epochs"] != epochs or epochs_saved > record["epochs"]:
-        return None
-    if record["folds"] and not os.path.exists(os.path.join(out, "folded.pth")):
-        return None
-    return {**record, "result": saved["result"]}
+    if saved["config"]["folds"] and not os.path.exists(os.path.join(out, "folded.pth")):
+        return None  # lost since: --resume writes it again
+    return {**saved["config"], "result": saved["result"]}

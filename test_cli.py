@@ -124,7 +124,7 @@ def test_a_folder_as_weights(tmp_path, capsys):
         capsys,
         "--weights",
         tmp_path,
-        "a folder",
+        "is not a file",
     )
 
 
@@ -379,7 +379,11 @@ def test_absurd_numbers(tmp_path, capsys, option, value):
 def test_out_that_is_a_file_or_cannot_be_written(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not a folder")
     fails_with_one_line(
-        quick_run_args(tmp_path / "notes.txt"), capsys, "--out", tmp_path / "notes.txt", "is a file"
+        quick_run_args(tmp_path / "notes.txt"),
+        capsys,
+        "--out",
+        tmp_path / "notes.txt",
+        "File exists",
     )
     fails_with_one_line(
         quick_run_args(tmp_path / "notes.txt" / "run"), capsys, "--out", tmp_path / "notes.txt"
@@ -576,8 +580,8 @@ def test_a_bad_out_is_refused_before_the_data_is_decoded(tmp_path, monkeypatch, 
 
 
 def test_an_empty_resume_or_checkpoint_is_refused(capsys):
-    fails_with_one_line(["--resume", ""], capsys, "--resume is empty")
-    fails_with_one_line(["--eval-only", "--checkpoint", ""], capsys, "--checkpoint is empty")
+    fails_with_one_line(["--resume", ""], capsys, "--resume: is empty")
+    fails_with_one_line(["--eval-only", "--checkpoint", ""], capsys, "--checkpoint: is empty")
 
 
 def without(saved, *path):
@@ -625,7 +629,7 @@ def test_eval_only_refuses_settings_it_cannot_change_and_states_the_ones_it_uses
 ):
     out, _ = finished_run
     args = ["--eval-only", "--checkpoint", out / "adapters.pth", "--workers", "0"]
-    fails_with_one_line([*args, "--img-size", "64"], capsys, "--img-size cannot change", "32")
-    fails_with_one_line([*args, "--lr", "0.5"], capsys, "--lr cannot change")
+    fails_with_one_line([*args, "--img-size", "64"], capsys, "--img-size 32 there, 64 here")
+    fails_with_one_line([*args, "--lr", "0.5"], capsys, "--lr", "0.5 here")
     assert run_train(*args, "--batch-size", "3", "--precision", "fp32") == 0
     assert "batch 12, fp32: test accuracy" in capsys.readouterr().out  # 4 x --batch-size

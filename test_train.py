@@ -636,20 +636,14 @@ def test_a_run_is_finished_until_it_is_continued_and_when_it_folded_where_it_cou
     runs.save_atomic({"history": [{}, {}]}, str(tmp_path / "checkpoint.pth"))
     runs.save_atomic({"config": record, "result": result}, str(tmp_path / "adapters.pth"))
     done = {**record, "result": result}
-    assert runs.finished(tmp_path) == done and runs.finished(tmp_path, 2) == done
+    assert runs.finished(tmp_path, None) == done and runs.finished(tmp_path, 2) == done
     assert runs.finished(tmp_path, 3) is None  # more epochs: it is to be extended
     runs.save_atomic(
         {"config": {**record, "folds": True}, "result": result}, str(tmp_path / "adapters.pth")
     )
-    assert runs.finished(tmp_path) is None  # foldable, and no folded.pth: it stopped while folding
+    assert runs.finished(tmp_path, 2) is None  # foldable, and folded.pth lost: to be written again
     (tmp_path / "folded.pth").write_bytes(b"")
-    assert runs.finished(tmp_path)["epochs"] == 2
-    runs.save_atomic({"history": [{}] * 3}, str(tmp_path / "checkpoint.pth"))
-    assert runs.finished(tmp_path) is None  # a checkpoint of a third epoch: it was continued since
-    (tmp_path / "checkpoint.pth").write_text("not a checkpoint")
-    assert runs.finished(tmp_path) is None  # unreadable: not finished, for --resume to report
-    os.remove(tmp_path / "checkpoint.pth")
-    assert runs.finished(tmp_path)["epochs"] == 2  # deleted once the run finished
+    assert runs.finished(tmp_path, 2)["epochs"] == 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -941,7 +935,7 @@ def test_the_project_s_modules_are_found_whatever_the_current_folder_holds(tmp_p
     images = write_image_folder(tmp_path / "images")
     args = [*TINY_RUN, "--epochs", "1", "--warmup-epochs", "0", "--out", here / "run"]
     args[args.index("synthetic")] = images
-    args[args.index("--workers") + 1] = "2"  # decoding processes import data.py too
+    args[args.index("--workers") + 1] = "2"  # decoding threads, as a run has them
     ran = subprocess.run(
         [sys.executable, os.path.join(HERE, "train.py"), *map(str, args)],
         cwd=here,

@@ -27,6 +27,7 @@ import datetime
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -47,7 +48,6 @@ import swin
 import vit
 from runs import UserError, flag, fmt_time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = {name: getattr(module, name) for module in (vit, swin) for name in module.CONFIGS}
 URLS = {**vit.URLS, **swin.URLS}  # the published checkpoint of each model: --weights auto
 NAMED_WEIGHTS = ("auto", "augreg", "none")
@@ -67,10 +67,9 @@ NUMBERS = {
     "seed": (0, 2**31 - 1, "the same seed on the same CPU gives the same run"),
     "seeds": (1, 100, "run each task this many times, seeds --seed, --seed + 1, ..."),
     "eval_every": (1, 100_000, "test every N epochs, and after the last"),
-    "workers": (0, 256, "image decoding processes"),
+    "workers": (0, 256, "image decoding threads"),
 }
 RECORDED = (*paper.DEFAULTS, "classes")  # the settings every file of a run records
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Stopped(Exception):
@@ -106,13 +105,19 @@ def parse_args(argv=None):
     tasks = f"{' '.join(data.VTAB_TASKS)}; an FGVC set ({' '.join(data.FGVC_TASKS)})"
     option(
         "--data",
+        type=data_option,
         help=f"a VTAB-1k task ({tasks}; a suite ({' '.join(data.SUITES)}) or a comma-separated "
         "list of tasks; a folder of train/ and test/ class folders; synthetic",
     )
-    option("--data-dir", help="where datasets are looked for (vtab-1k/<task>, fgvc/<set>, dtd/)")
+    option(
+        "--data-dir",
+        type=path_option,
+        help="where datasets are looked for (vtab-1k/<task>, fgvc/<set>, dtd/)",
+    )
     option("--model", help="the backbone", choices=sorted(MODELS))
     option(
         "--weights",
+        type=weights_option,
         help="auto (the checkpoint the official runs used, downloaded into torch hub's cache), "
         "augreg (vit_b16: Google's AugReg ImageNet-21k, the paper's ARC*), a path, or none",
     )
@@ -129,59 +134,62 @@ def parse_args(argv=None):
     )
     for key, (_, high, text) in NUMBERS.items():
         option(flag(key), help=text, type=type(high))
-    option("--out", help="output folder (default: runs/<data>_<model>_<method>)")
+    option("--out", type=path_option, help="output folder (default: runs/<data>_<model>_<method>)")
     option(
         "--device",
         help="cpu, cuda or cuda:N",
         default="cuda" if torch.cuda.is_available() else "cpu",
     )
-    option("--resume", help="the folder of a run or suite to continue")
+    option("--resume", type=path_option, help="the folder of a run or suite to continue")
     option(
         "--eval-only", help="test --checkpoint (an adapters.pth or folded.pth)", action="store_true"
     )
-    option("--checkpoint", help="for --eval-only")
+    option("--checkpoint", type=path_option, help="for --eval-only")
     parser.set_defaults(workers=min(8, data.CORES))
     args = parser.parse_args(argv)
     check_options(args, parser.error)
-    for key in ("data_dir", "out", "resume", "checkpoint"):
-        if getattr(args, key):
-            setattr(args, key, os.path.abspath(getattr(args, key)))
-    if args.weights not in (None, *NAMED_WEIGHTS):
-        args.weights = os.path.abspath(args.weights)
-    if args.data:  # the folders of a task list too, one by one; names (dtd, vtab-1k) stay names
-        names = [name.strip() for name in args.data.split(",")]
-        args.data = ",".join(
-            os.path.abspath(name) if data.is_path(name) else name for name in names
-        )
     given = {key: getattr(args, key) for key in paper.DEFAULTS if getattr(args, key) is not None}
     return args, given
 
 
+def not_empty(text):
+    if not text:
+        raise argparse.ArgumentTypeError("is empty: give a value, or leave the option out")
+    return text
+
+
+def path_option(text):
+    """A path, made absolute: a run resumed or tested from another folder finds what it used."""
+    return os.path.abspath(not_empty(text))
+
+
+def weights_option(text):
+    return text if text in NAMED_WEIGHTS else path_option(text)
+
+
+def data_option(text):
+    """The folders of a task list made absolute one by one; names (dtd, vtab-1k) stay names."""
+    names = [name.strip() for name in not_empty(text).split(",")]
+    return ",".join(path_option(name) if data.is_path(name) else name for name in names)
+
+
 def check_options(args, error):
-    """Numbers in their ranges, no empty path, a device this machine has, and options that go
-    together; else error(message)."""
+    """Numbers in their ranges, a device this machine has, and options that go together; else
+    error(message)."""
     for key, (low, high, _) in NUMBERS.items():
         value = getattr(args, key)
         if value is not None and not low <= value <= high:  # `not`: nan fails every comparison
             error(f"{flag(key)} {value} must be from {low} to {high}")
-    for key in ("data", "data_dir", "weights", "out", "resume", "checkpoint"):
-        if getattr(args, key) == "":
-            error(f"{flag(key)} is empty: give a value, or leave the option out")
-    try:
-        device_type = torch.device(args.device).type
-    except RuntimeError:
-        device_type = None
-    if device_type not in ("cpu", "cuda"):
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         error(f"--device {args.device} is not a device this script runs on: cpu, cuda or cuda:N")
-    if device_type == "cuda" and not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         error(f"--device {args.device}: torch sees no CUDA GPU here; use --device cpu")
     if args.eval_only != bool(args.checkpoint):
         error(
             "--eval-only and --checkpoint go together: "
             "--eval-only --checkpoint runs/<run>/adapters.pth"
         )
-    resume = args.resume and os.path.abspath(args.resume)
-    if resume and args.out and os.path.abspath(args.out) not in (resume, os.path.dirname(resume)):
+    if args.resume and args.out and args.out not in (args.resume, os.path.dirname(args.resume)):
         error(f"--resume {args.resume} and --out {args.out} name different runs: give one of them")
 
 
@@ -193,22 +201,27 @@ def run_task(given, out, ctx, resume=None):
     """One run into the folder `out`, fresh, or continued from `resume` (its folder or its
     checkpoint.pth); returns its result. The cheap checks come first (the settings, the data's
     presence, the folder), then the weights (perhaps a download), then the data's decoding."""
-    started = time.time()
     on_stop_signals(stop)  # again: the suite's previous run ignores them once it has finished
     checkpoint = read_checkpoint(resume, ctx.world) if resume else None
     saved = checkpoint and checkpoint["config"]
     cfg, sources, recipe_name = paper.settings(given, saved, auto_precision(ctx.device))
-    logged = ("precision", "rank", "batch_size", "epochs", "img_size", "seed", *paper.RECIPE_KEYS)
+    # every setting and where it came from (a setting of the other family is left out)
     ctx.log(
-        f"{cfg.data}: {cfg.model} {cfg.method}, {recipe_name} recipe; "
+        f"{recipe_name} recipe; "
         + ", ".join(
-            f"{key} {getattr(cfg, key)} ({sources[key]})" for key in logged if sources[key] != "n/a"
+            f"{key} {getattr(cfg, key)} ({source})"
+            for key, source in sources.items()
+            if source != "n/a"
         )
     )
     done = saved and runs.finished(out, cfg.epochs)
     if saved:
-        check_resume(given, saved, len(checkpoint["history"]), out)
-        check_weights(given, saved, f"--resume {out}", needed=not done)
+        check_same_run(given, saved, RESUME_MAY_CHANGE, f"--resume {out}")
+        if cfg.epochs < saved["epochs"]:
+            raise UserError(
+                f"--resume {out} is a run of {saved['epochs']} epochs: --epochs {cfg.epochs} "
+                f"would shorten it; a run can only be extended"
+            )
     with torch.device("meta"):  # the options against the model, before any data is decoded
         build_model(cfg, num_classes=1)
     if done:
@@ -221,20 +234,19 @@ def run_task(given, out, ctx, resume=None):
         raise UserError(f"--weights augreg is for {', '.join(vit.AUGREG_URLS)}, not {cfg.model}")
     data.check(cfg.data, cfg.data_dir)  # cheap: before anything is downloaded or decoded
     with runs.owned(out, fresh=not checkpoint) if ctx.rank == 0 else contextlib.nullcontext():
-        return train(cfg, out, ctx, checkpoint, started)
+        return train(cfg, out, ctx, checkpoint)
 
 
-def train(cfg, out, ctx, checkpoint, started):
+def train(cfg, out, ctx, checkpoint):
     """Data, model, optimizer and resume, the loop over epochs and steps, the fold, the files."""
     # Data: decoded once into memory, by every process for itself
-    weights_path = first_on_each_machine(ctx, weights_file, cfg, ctx.log)
+    weights_path = weights_file(cfg, ctx)
     task = data.build(cfg.data, cfg.data_dir, cfg.img_size, ctx.workers, ctx.log)
     if checkpoint:
         check_classes(checkpoint["config"]["classes"], task, f"--resume {out}: the run")
     train_data, test_data = data.Loader(task.train, ctx.device), data.Loader(task.test, ctx.device)
     # every file's settings; all adapters fold into the weights but the official Swin's FFN ones
-    swin_residual = cfg.model.startswith("swin") and cfg.swin_ffn_adapter == "residual"
-    folds = not (cfg.method == "arc" and swin_residual)
+    folds = not (cfg.method == "arc" and cfg.swin_ffn_adapter == "residual")
     record = {**vars(cfg), "classes": task.classes, "folds": folds}
 
     # Model: the pretrained backbone, frozen but for what the method trains
@@ -246,8 +258,7 @@ def train(cfg, out, ctx, checkpoint, started):
     params = [p for p in model.parameters() if p.requires_grad]
     net = model
     if ctx.world > 1:  # buffers (Swin's masks) are built alike by every process: no sync needed
-        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        net = DistributedDataParallel(model, broadcast_buffers=False)
     ctx.log(
         f"{task.description}\n{cfg.model} {cfg.method}: {sum(p.numel() for p in params):,} "
         f"trainable parameters; {ctx.world} process(es) on {ctx.device} in {cfg.precision}; "
@@ -258,7 +269,6 @@ def train(cfg, out, ctx, checkpoint, started):
     cuda = ctx.device.type == "cuda"
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda)
     history = restore(checkpoint, cfg, model, optimizer, ctx, out) if checkpoint else []
-    setup_seconds = time.time() - started
 
     steps = math.ceil(len(train_data) / cfg.batch_size)
     progress = ctx.rank == 0 and sys.stdout.isatty()  # a live line on a terminal, not in a log
@@ -319,18 +329,12 @@ def train(cfg, out, ctx, checkpoint, started):
             log_epoch(ctx, metrics, cfg.epochs)
 
     # Fold: the adapters into the frozen weights, checked on float32 logits of test images
-    finish_started = time.time()
     tested = [m["test_acc"] for m in history if "test_acc" in m]
     trained = trained_tensors(model)
     result = {
         "final": tested[-1],
         "best": max(tested),
         "trainable": sum(v.numel() for v in trained.values()),
-        "seconds": {
-            "setup": round(setup_seconds, 1),
-            "training": round(sum(m["train_s"] for m in history), 1),
-            "testing": round(sum(m.get("test_s", 0) for m in history), 1),
-        },
     }
     if not record["folds"]:
         ctx.log(
@@ -340,7 +344,6 @@ def train(cfg, out, ctx, checkpoint, started):
         )
     elif cfg.method in ("arc", "arc_att"):
         ctx.log(fold_and_compare(model, task.test, ctx.device))
-    result["seconds"]["finish"] = round(time.time() - finish_started, 1)
 
     # Save: folded.pth, the plain architecture whatever the method; then adapters.pth, last, with
     # the stop signals ignored: once it is written the run has finished, and a stop changes nothing
@@ -412,35 +415,32 @@ def prepare_model(cfg, num_classes, weights_path, log):
     return model
 
 
-def weights_file(cfg, log):
+def weights_file(cfg, ctx):
     """The file --weights names (None for 'none'); 'auto' and 'augreg': a published checkpoint,
-    downloaded once into torch hub's cache (vit.download)."""
+    downloaded once into torch hub's cache (vit.download) by the first process of each machine,
+    while the others wait, then find it there."""
     if cfg.weights == "none":
         return None
     if cfg.weights not in NAMED_WEIGHTS:
         if not os.path.isfile(cfg.weights):
-            kind = "a folder, not a file" if os.path.isdir(cfg.weights) else "no such file"
-            raise UserError(f"--weights {cfg.weights}: {kind}")
+            raise UserError(
+                f"--weights {cfg.weights} is not a file, or not there now: pass --weights with "
+                f"where the file is"
+            )
         return cfg.weights
     url = (vit.AUGREG_URLS if cfg.weights == "augreg" else URLS)[cfg.model]
-    if not os.path.exists(vit.cached_file(url)):
-        log(f"downloading {url}\n         to {vit.cached_file(url)}")
-    try:
-        return vit.download(url, progress=True)
-    except vit.CheckpointError as e:
-        raise UserError(f"--weights {cfg.weights}: {e}, or pass --weights PATH") from None
-
-
-def first_on_each_machine(ctx, fn, *args):
-    """fn(*args) (a download) by the first process of each machine, then by the others, which find
-    its result done."""
     first = os.environ.get("LOCAL_RANK", "0") == "0"
     if ctx.world > 1 and not first:
         dist.barrier()
-    result = fn(*args)
+    if not os.path.exists(vit.cached_file(url)):
+        ctx.log(f"downloading {url}\n         to {vit.cached_file(url)}")
+    try:
+        path = vit.download(url, progress=True)
+    except vit.CheckpointError as e:
+        raise UserError(f"--weights {cfg.weights}: {e}, or pass --weights PATH") from None
     if ctx.world > 1 and first:
         dist.barrier()
-    return result
+    return path
 
 
 def trained_tensors(model):
@@ -515,9 +515,7 @@ def frozen_in_bf16(model, enabled):
     every forward. The result is the same (autocast runs those layers in bf16 anyway). The float32
     originals wait in host memory, not on the GPU, and come back on exit, for folding. On a CPU this
     was slower (ARC.md section 12), so the frozen weights stay float32 there."""
-    layers = (
-        [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))] if enabled else []
-    )
+    layers = [m for m in model.modules() if enabled and isinstance(m, (nn.Linear, nn.Conv2d))]
     frozen = [p for m in layers for p in m.parameters(recurse=False) if not p.requires_grad]
     originals = [p.data.to("cpu") for p in frozen]
     for p in frozen:
@@ -605,8 +603,8 @@ def log_epoch(ctx, metrics, epochs):
 def save_checkpoint(out, record, model, optimizer, history, ctx):
     """checkpoint.pth: everything a resumed run needs to end as an uninterrupted one (every
     process's random state included); then metrics.jsonl, a line an epoch, from the history."""
-    cuda = ctx.device.type == "cuda"
-    rng = [torch.get_rng_state(), torch.cuda.get_rng_state(ctx.device) if cuda else None]
+    cuda_rng = torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None
+    rng = [torch.get_rng_state(), cuda_rng]
     states = [rng]
     if ctx.world > 1:  # every process's random state (its dropout), gathered: a collective
         states = [None] * ctx.world
@@ -663,8 +661,9 @@ def restore(checkpoint, cfg, model, optimizer, ctx, out):
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
         raise UserError(f"--resume {source} does not fit this run ({type(e).__name__})") from None
     if checkpoint["config"]["epochs"] != cfg.epochs:
-        extended = f"then extended from {checkpoint['config']['epochs']} to {cfg.epochs} epochs"
-        history[-1]["schedule"] = extended
+        history[-1]["schedule"] = (
+            f"then extended from {checkpoint['config']['epochs']} to {cfg.epochs} epochs"
+        )
         ctx.log(f"extending the run: the cosine schedule is recomputed for {cfg.epochs} epochs")
     return history
 
@@ -675,51 +674,35 @@ def run_folder(path):
     return os.path.dirname(path) if os.path.isfile(path) or path.endswith(".pth") else path
 
 
-MAY_CHANGE = ("data_dir", "eval_every", "epochs", "weights")  # where files are now; more epochs
-EVAL_MAY_CHANGE = ("data", "data_dir", "weights", "batch_size", "precision")
+# What a resumed run may change: where its files are now, how often to test, and --epochs, which
+# may grow. A test of a saved model may change its data, its batch and its precision.
+RESUME_MAY_CHANGE = ("data_dir", "eval_every", "epochs")
+EVAL_MAY_CHANGE = ("data", "data_dir", "batch_size", "precision")
 
 
-def check_resume(given, saved, epochs_done, out):
-    """A run continues with its own settings. The command line may say where its files are now, how
-    often to test, and --epochs, which may grow: the schedule is then recomputed for the new
-    length."""
+def check_same_run(given, saved, may_change, what):
+    """A run continues, or is tested, with its own settings: the command line may change only those
+    of `may_change`, name another folder for a task that was a folder, and say where the run's
+    weights file has moved (a path for one that is not there now), not name other weights."""
     changed = [
         key
         for key in given
-        if key not in MAY_CHANGE
+        if key not in may_change
         and given[key] != saved[key]
-        and not (key == "data" and data.is_path(given[key]) and data.is_path(saved[key]))
+        and not (
+            key in ("data", "weights")
+            and data.is_path(given[key])
+            and data.is_path(saved[key])
+            and (key == "data" or not os.path.exists(saved[key]))
+        )
     ]
     if changed:
         differences = ", ".join(
             f"{flag(key)} {saved[key]} there, {given[key]} here" for key in changed
         )
         raise UserError(
-            f"--resume {out} comes from another run: {differences}; give the same options, or "
-            f"start a new run with another --out"
-        )
-    if given.get("epochs", saved["epochs"]) < saved["epochs"]:
-        raise UserError(
-            f"--resume {out} is a run of {saved['epochs']} epochs ({epochs_done} done): --epochs "
-            f"{given['epochs']} would shorten it; a run can only be extended"
-        )
-
-
-def check_weights(given, saved, what, needed=True):
-    """A run continues, or is tested, with its own weights: --weights may say where its file has
-    moved, not name other weights (or another file while the run's is still where it was). A file
-    that has moved must be given anew when it is `needed`."""
-    weights = given.get("weights", saved["weights"])
-    named = weights in NAMED_WEIGHTS or saved["weights"] in NAMED_WEIGHTS
-    if weights != saved["weights"] and (named or os.path.exists(saved["weights"])):
-        raise UserError(
-            f"{what}: --weights {saved['weights']} there, {weights} here; give the run's own "
-            f"weights"
-        )
-    if needed and weights not in NAMED_WEIGHTS and not os.path.isfile(weights):
-        raise UserError(
-            f"{what} was trained from --weights {weights}, which is not there now: pass --weights "
-            f"with where it is"
+            f"{what} belongs to another run: {differences}; give the run's own weights and "
+            f"settings, or start a new run with another --out"
         )
 
 
@@ -739,27 +722,24 @@ def eval_only(args, given, ctx):
     """Test the model a checkpoint records, with its own settings; the command line may say where
     its data and weights are now, the test's batch and its precision."""
     source = f"--checkpoint {args.checkpoint}"
-    what = "an adapters.pth or folded.pth"
-    keys = ("config", "state_dict")
-    saved = runs.read_saved(args.checkpoint, "--checkpoint", keys, what, RECORDED)
-    fixed = [key for key in given if key not in EVAL_MAY_CHANGE]
-    if fixed:
-        raise UserError(
-            f"{source} is tested with the settings it was trained with: {flag(fixed[0])} cannot "
-            f"change ({saved['config'][fixed[0]]} there)"
-        )
-    cfg = SimpleNamespace(**{**saved["config"], **given})
-    if cfg.precision == "auto":
-        cfg.precision = auto_precision(ctx.device)[0]
+    saved = runs.read_saved(
+        args.checkpoint,
+        "--checkpoint",
+        ["config", "state_dict"],
+        "an adapters.pth or folded.pth",
+        RECORDED,
+    )
+    check_same_run(given, saved["config"], EVAL_MAY_CHANGE, source)
+    cfg = paper.settings(given, saved["config"], auto_precision(ctx.device))[0]
+    classes = saved["config"]["classes"]
     data.check(cfg.data, cfg.data_dir)
     if cfg.method == "folded":  # the plain architecture: every tensor comes from the file
-        model = build_model(SimpleNamespace(**{**vars(cfg), "method": "full"}), len(cfg.classes))
+        model = build_model(cfg, len(classes))
     else:
-        check_weights(given, saved["config"], source)
-        model = prepare_model(cfg, len(cfg.classes), weights_file(cfg, ctx.log), ctx.log)
+        model = prepare_model(cfg, len(classes), weights_file(cfg, ctx), ctx.log)
     load_trained_tensors(model, saved["state_dict"], source)
     task = data.build(cfg.data, cfg.data_dir, cfg.img_size, ctx.workers, ctx.log)
-    check_classes(cfg.classes, task, source)
+    check_classes(classes, task, source)
     loader = data.Loader(task.test, ctx.device)
     accuracy = evaluate(model.to(ctx.device), loader, 4 * cfg.batch_size, ctx, cfg.precision)
     ctx.log(
@@ -821,15 +801,13 @@ def stop(signum, frame):
 
 def on_stop_signals(action):
     """Handle SIGINT, SIGTERM and SIGHUP with `action` from now on; returns the handlers before."""
-    return {signum: signal.signal(signum, action) for signum in STOP_SIGNALS}
+    return {
+        signum: signal.signal(signum, action)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    }
 
 
 def main(argv=None):
-    # Python started afresh (the decoding processes) finds this project's files first, never a
-    # data/ folder or a data.py in the current folder
-    os.environ["PYTHONSAFEPATH"] = "1"
-    if not os.environ.get("PYTHONPATH", "").startswith(HERE):
-        os.environ["PYTHONPATH"] = os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])
     for stream in (sys.stdout, sys.stderr):  # a non-ASCII path on an ASCII terminal: escaped
         stream.reconfigure(errors="backslashreplace")
     previous = on_stop_signals(stop)
