@@ -7,8 +7,8 @@ results table beside the paper's.
     suite_tasks("vtab-1k")     # the 19 VTAB-1k tasks in the paper's order; "dtd,eurosat": two
     run_suite(given, seeds, out, ctx, resume, run_task)   # --data vtab-1k, --seeds N: results
 
-The recipes are what the official scripts ran (ARC.md sections 3 and 7), also where that differs
-from the paper's text: the README says where.
+The recipes are what the official scripts (vtab_ARC_train.py, FGVC_ARC_train.py, train_ARC_swin.py)
+ran, also where that differs from the paper's text: the README says where.
 """
 
 import contextlib
