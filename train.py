@@ -514,7 +514,7 @@ def frozen_in_bf16(model, enabled):
     caches its casts only of tensors that require grad, and would cast these ~86M values again at
     every forward. The result is the same (autocast runs those layers in bf16 anyway). The float32
     originals wait in host memory, not on the GPU, and come back on exit, for folding. On a CPU this
-    was slower (ViT-B/16, batch 8: 2.17 s a step against 1.99 s), so the weights stay float32 there."""
+    was slower (ViT-B/16, batch 8: 2.17 s a step against 1.99 s), so they stay float32 there."""
     layers = [m for m in model.modules() if enabled and isinstance(m, (nn.Linear, nn.Conv2d))]
     frozen = [p for m in layers for p in m.parameters(recurse=False) if not p.requires_grad]
     originals = [p.data.to("cpu") for p in frozen]
