@@ -480,6 +480,14 @@ def test_data_a_split_fits_on_the_gpu_in_half_of_what_is_free_and_cached(monkeyp
 # ARC scripts, V-PETL Bench and VPT, the first place that holds a task winning
 
 
+def trains_one_epoch(task_name, data_dir, out):
+    """train.py runs one epoch from the data where it was found (a tiny ViT, 16 px)."""
+    options = ["--model", "vit_t16", "--weights", "none", "--img-size", "16", "--epochs", "1"]
+    options += ["--warmup-epochs", "0", "--workers", "0", "--out", out]
+    assert run_train("--data", task_name, "--data-dir", data_dir, *options) == 0
+    return [m["epoch"] for m in metrics(out)] == [1]
+
+
 def image_folder_log(task_name, data_dir):
     """data.build's task and its log lines."""
     lines = []
@@ -511,6 +519,7 @@ def test_vtab_is_found_in_each_place_people_keep_it(tmp_path, task_name, place):
     for dataset, samples in ((task.train, train), (task.test, test)):
         assert list(zip(dataset_idents(dataset), dataset_labels(dataset), strict=True)) == samples
     assert lines[0] == f"{task_name}: reading {tmp_path / 'data' / place}"
+    assert trains_one_epoch(task_name, tmp_path / "data", tmp_path / "run")
 
 
 def test_the_first_place_that_holds_a_task_wins_and_the_log_says_which(tmp_path):
@@ -555,6 +564,7 @@ def test_fgvc_is_found_under_each_repository_s_names(tmp_path, name, place, imag
     assert dataset_idents(task.train) == [0, 1, 2] and dataset_labels(task.train) == [2, 0, 1]
     assert dataset_idents(task.test) == [3] and dataset_labels(task.test) == [1]
     assert task.num_classes == data.FGVC_TASKS[name][2]
+    assert trains_one_epoch(name, tmp_path / "data", tmp_path / "run")
 
 
 def test_a_json_list_naming_a_missing_image_names_both(tmp_path):
