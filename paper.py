@@ -220,6 +220,13 @@ def run_suite(given, seeds, out, ctx, resume, run_task):
     seeds = seeds or stored.pop("seeds")
     options = {"data_dir": os.path.abspath(DEFAULTS["data_dir"]), **stored, **given}
     listed = suite_tasks(options["data"])  # else one task, run with several seeds
+    names = [os.path.basename(os.path.normpath(task)) for task in listed or []]
+    twins = sorted({name for name in names if names.count(name) > 1})
+    if twins:
+        raise UserError(
+            f"--data names {twins[0]} twice: both runs would be {os.path.join(out, twins[0])}; "
+            f"give each task, or each folder, a name of its own"
+        )
     first_seed = options.get("seed", DEFAULTS["seed"])
     plan = []  # (task, seed, folder) of each run
     for task in listed or [options["data"]]:

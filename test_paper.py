@@ -595,3 +595,14 @@ def test_one_task_with_three_seeds_gets_the_same_summary(tmp_path):
     assert results["tasks"]["synthetic"]["final"] == pytest.approx(np.mean(finals))
     assert results["tasks"]["synthetic"]["final_std"] == pytest.approx(np.std(finals, ddof=1))
     assert len({metrics(out / f"seed{s}")[-1]["loss"] for s in (7, 8, 9)}) == 3  # three runs
+
+
+@pytest.mark.parametrize("second", ["b/imgs", "a/imgs"])
+def test_two_tasks_that_would_share_a_folder_are_refused(tmp_path, capsys, second):
+    # a/imgs,b/imgs: both runs would be <out>/imgs, the second reported from the first's files
+    write_image_folder(tmp_path / "a" / "imgs")
+    write_image_folder(tmp_path / "b" / "imgs", classes=("x", "y", "z"))
+    tasks = f"{tmp_path / 'a' / 'imgs'},{tmp_path / second}"
+    out = tmp_path / "out"
+    fails_with_one_line(["--data", tasks, *SUITE, "--out", out], capsys, "imgs twice")
+    assert not out.exists()
