@@ -201,7 +201,9 @@ def write_list(list_file, lines):
 def write_dtd_release(root, classes, counts):
     """torchvision's DTD layout under root/dtd/dtd; counts: images per class for train1/val1/test1.
     Lists are sorted by class, as in the release. Returns {split: [names]} and {name: ident}."""
-    base, names, idents = root / "dtd" / "dtd", {}, {}
+    base = root / "dtd" / "dtd"
+    names = {}
+    idents = {}
     for split, per_class in zip(("train", "val", "test"), counts, strict=True):
         names[split] = [f"{c}/{c}_{split}_{i:04d}.jpg" for c in classes for i in range(per_class)]
         for name in names[split]:
@@ -237,7 +239,9 @@ def fgvc_pictures(tmp_path, sizes=((20, 15), (15, 20), (37, 37), (41, 38), (90, 
 def fgvc_cars(root, n_train, n_test=12):
     """A Stanford Cars folder in VPT's json layout: two classes told apart by brightness,
     textured."""
-    folder, train_set, test_set = root / "fgvc" / "StanfordCars", {}, {}
+    folder = root / "fgvc" / "StanfordCars"
+    train_set = {}
+    test_set = {}
     for i in range(n_train + n_test):
         os.makedirs(folder / f"c{i % 2}", exist_ok=True)
         ramp = (

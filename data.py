@@ -582,19 +582,24 @@ def _scan(split_dir, class_index):
     its images again nor makes the walk exponential.
     """
     samples = []
-    for name in _class_folders(split_dir):
+    names = _class_folders(split_dir)
+    split_real = os.path.realpath(split_dir)
+    # the real paths of the folders walked, or not to walk from another class's folder
+    seen = {os.path.realpath(os.path.join(split_dir, name)) for name in names}
+    for name in names:
         if name not in class_index:
             raise DataError(
                 f"class folder {os.path.join(split_dir, name)} has no counterpart in "
                 f"{os.path.join(os.path.dirname(split_dir), 'train')}: the classes must match"
             )
-        seen = set()  # the real paths of the folders walked
         class_dir = os.path.join(split_dir, name)
         for parent, folders, files in os.walk(
             class_dir, onerror=_unreadable_folder, followlinks=True
         ):
             real = os.path.realpath(parent)
-            if real in seen:
+            # a link back to the split, or above it, would list the other classes' images here
+            above_split = os.path.commonpath([real, split_real]) == real
+            if parent != class_dir and (real in seen or above_split):
                 folders.clear()
                 continue
             seen.add(real)

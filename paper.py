@@ -217,25 +217,27 @@ def run_suite(given, seeds, out, ctx, resume, run_task):
     stored = read_suite(suite_file, out) if resume else {"seeds": 1}
     if resume and given.get("data", stored["data"]) != stored["data"]:
         raise UserError(f"--resume {out} is the suite --data {stored['data']}, not {given['data']}")
-    seeds = seeds or stored.pop("seeds")
+    stored_seeds = stored.pop("seeds")  # not a run's setting: its runs never see it
+    seeds = seeds or stored_seeds
     options = {"data_dir": os.path.abspath(DEFAULTS["data_dir"]), **stored, **given}
     listed = suite_tasks(options["data"])  # else one task, run with several seeds
-    names = [os.path.basename(os.path.normpath(task)) for task in listed or []]
-    twins = sorted({name for name in names if names.count(name) > 1})
-    if twins:
-        raise UserError(
-            f"--data names {twins[0]} twice: both runs would be {os.path.join(out, twins[0])}; "
-            f"give each task, or each folder, a name of its own"
-        )
+    tasks = listed or [options["data"]]
+    names = [os.path.basename(os.path.normpath(task)) for task in tasks]  # a folder by its name
+    for name in names:
+        if names.count(name) > 1:
+            raise UserError(
+                f"--data names {name} twice: both runs would be {os.path.join(out, name)}; give "
+                f"each task, or each folder, a name of its own"
+            )
     first_seed = options.get("seed", DEFAULTS["seed"])
-    plan = []  # (task, seed, folder) of each run
-    for task in listed or [options["data"]]:
-        task_folder = os.path.join(out, os.path.basename(os.path.normpath(task))) if listed else out
+    plan = []  # (task, its name, seed, folder) of each run
+    for task, name in zip(tasks, names, strict=True):
+        task_folder = os.path.join(out, name) if listed else out
         for seed in range(first_seed, first_seed + seeds):
             folder = os.path.join(task_folder, f"seed{seed}") if seeds > 1 else task_folder
-            plan.append((task, seed, folder))
+            plan.append((task, name, seed, folder))
     missing = {}  # task: the path its data should be at; a finished run needs no data
-    for task, _, folder in plan:
+    for task, _, _, folder in plan:
         path = data.missing(task, options["data_dir"])
         if path and not finished(folder, options.get("epochs")):
             missing[task] = path
@@ -251,14 +253,13 @@ def run_suite(given, seeds, out, ctx, resume, run_task):
     with owned(out, fresh=not resume) if ctx.rank == 0 else contextlib.nullcontext():
         if ctx.rank == 0 and not resume:
             save_atomic(json.dumps({**options, "seeds": seeds}, indent=1), suite_file)
-        for task, seed, folder in plan:
+        for task, name, seed, folder in plan:
             started = os.path.exists(os.path.join(folder, "checkpoint.pth"))
             done = not started and finished(folder, options.get("epochs"))
             run_options = {**options, "data": task, "seed": seed}
             result = (
                 done["result"] if done else run_task(run_options, folder, ctx, started and folder)
             )
-            name = os.path.basename(os.path.normpath(task))  # a folder by its name
             results.setdefault(name, []).append({**result, "seed": seed})
             if ctx.rank == 0:
                 write_results(out, results, suite["model"], suite["method"], suite["weights"])

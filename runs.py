@@ -91,6 +91,9 @@ def save_atomic(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
+        folder = os.open(os.path.dirname(path), os.O_RDONLY)
+        os.fsync(folder)  # the rename too reaches the disk before the save counts as done
+        os.close(folder)
     except BaseException as e:  # a full disk, or a stop mid-write: no temporary file is left
         if temporary and os.path.exists(temporary):
             os.remove(temporary)
@@ -109,8 +112,10 @@ def read_saved(path, option, keys, what, settings):
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0][:200]
-        raise UserError(f"{option} {path} is unreadable by torch.load ({reason})") from None
+        reason = str(e).partition("\n")[0]
+        raise UserError(
+            f"{option} {path} is unreadable ({type(e).__name__}: {reason}): not a file of train.py"
+        ) from None
     complete = isinstance(saved, dict) and set(keys) <= saved.keys()
     if not (
         complete and isinstance(saved["config"], dict) and set(settings) <= saved["config"].keys()

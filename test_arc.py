@@ -561,7 +561,10 @@ def test_vit_b16_trainable_parameters_match_the_paper():
 
 
 def test_swin_b_arc_parameter_counts():
-    dims, depths, r, classes = [128, 256, 512, 1024], [2, 2, 18, 2], 50, 47
+    dims = [128, 256, 512, 1024]  # Swin-B's stage widths and depths, r = 50, 47 classes
+    depths = [2, 2, 18, 2]
+    r = 50
+    classes = 47
     head = dims[-1] * classes + classes
     for method, sides in (("arc", 2), ("arc_att", 1)):
         expected = sides * sum(

@@ -595,6 +595,12 @@ def test_one_task_with_three_seeds_gets_the_same_summary(tmp_path):
     assert results["tasks"]["synthetic"]["final"] == pytest.approx(np.mean(finals))
     assert results["tasks"]["synthetic"]["final_std"] == pytest.approx(np.std(finals, ddof=1))
     assert len({metrics(out / f"seed{s}")[-1]["loss"] for s in (7, 8, 9)}) == 3  # three runs
+    # resumed with --seeds again (the same, then one more): the finished seeds stay as they are
+    assert run_train("--resume", out, "--seeds", "3", "--workers", "0") == 0
+    assert run_train("--resume", out, "--seeds", "4", "--workers", "0") == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [run["seed"] for run in results["tasks"]["synthetic"]["runs"]] == [7, 8, 9, 10]
+    assert [metrics(out / f"seed{s}")[-1]["test_acc"] for s in (7, 8, 9)] == finals
 
 
 @pytest.mark.parametrize("second", ["b/imgs", "a/imgs"])

@@ -55,10 +55,9 @@ def test_the_folded_model_example_in_the_readme_runs(synthetic_run, tmp_path, mo
         example = re.search(r"## Using the trained model.*?```python\n(.*?)```", f.read(), re.S)[1]
     images = tmp_path / "my_photos"
     task = data.build("synthetic", img_size=16, log=None)
+    images.mkdir()
     for i in (0, 25, 150):  # test images of classes 0, 1 and 7
-        Image.fromarray(task.test.images[i].permute(1, 2, 0).numpy()).save(
-            images / f"{i}.png" if images.exists() else (images.mkdir() or images / f"{i}.png")
-        )
+        Image.fromarray(task.test.images[i].permute(1, 2, 0).numpy()).save(images / f"{i}.png")
     example = example.replace("runs/dtd_vit_b16_arc", str(synthetic_run)).replace(
         "my_photos", str(images)
     )

@@ -485,7 +485,9 @@ def test_metrics_have_one_line_per_epoch_after_a_kill_between_log_and_checkpoint
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 def test_a_full_disk_leaves_the_last_checkpoint_intact(tmp_path, monkeypatch, capsys):
     # the second checkpoint.pth is written to /dev/full, which fails every write as a full disk does
-    out, made, mkstemp = tmp_path / "run", [], runs.tempfile.mkstemp
+    out = tmp_path / "run"
+    made = []
+    mkstemp = runs.tempfile.mkstemp
 
     def on_a_full_disk(suffix, prefix, folder):
         handle, path = mkstemp(suffix, prefix, folder)
@@ -816,7 +818,9 @@ def test_saves_write_a_temporary_file_of_their_own_and_flush_it_before_the_renam
     tmp_path, monkeypatch
 ):
     calls = []
-    mkstemp, fsync, replace = runs.tempfile.mkstemp, runs.os.fsync, runs.os.replace
+    mkstemp = runs.tempfile.mkstemp
+    fsync = runs.os.fsync
+    replace = runs.os.replace
     monkeypatch.setattr(runs.tempfile, "mkstemp", lambda *a: calls.append("mkstemp") or mkstemp(*a))
     monkeypatch.setattr(runs.os, "fsync", lambda fd: calls.append("fsync") or fsync(fd))
     monkeypatch.setattr(
@@ -826,7 +830,9 @@ def test_saves_write_a_temporary_file_of_their_own_and_flush_it_before_the_renam
     runs.save_atomic({"history": [1]}, target)
     runs.save_atomic("text\n", target + ".txt")
     temporaries = [call[1] for call in calls if call[0] == "replace"]
-    assert calls[:2] == ["mkstemp", "fsync"] and calls[3:5] == ["mkstemp", "fsync"]
+    # the file flushed before the rename, and the folder after it, so that the rename lasts too
+    kinds = [call if isinstance(call, str) else call[0] for call in calls]
+    assert kinds == ["mkstemp", "fsync", "replace", "fsync"] * 2
     assert len(set(temporaries)) == 2 and all(t.endswith(".tmp") for t in temporaries)
     assert torch.load(target, weights_only=True) == {"history": [1]}
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "checkpoint.pth.txt"]
