@@ -583,7 +583,6 @@ def _scan(split_dir, class_index):
     """
     samples = []
     names = _class_folders(split_dir)
-    split_real = os.path.realpath(split_dir)
     # the real paths of the folders walked, or not to walk from another class's folder
     seen = {os.path.realpath(os.path.join(split_dir, name)) for name in names}
     for name in names:
@@ -597,9 +596,10 @@ def _scan(split_dir, class_index):
             class_dir, onerror=_unreadable_folder, followlinks=True
         ):
             real = os.path.realpath(parent)
-            # a link back to the split, or above it, would list the other classes' images here
-            above_split = os.path.commonpath([real, split_real]) == real
-            if parent != class_dir and (real in seen or above_split):
+            # not a folder walked already, another class's, nor the split or above it: a link
+            # back there would list the other classes' images under this one
+            split = os.path.realpath(split_dir)
+            if parent != class_dir and (real in seen or os.path.commonpath([real, split]) == real):
                 folders.clear()
                 continue
             seen.add(real)
