@@ -585,6 +585,7 @@ def _scan(split_dir, class_index):
     names = _class_folders(split_dir)
     # the real paths of the folders walked, or not to walk from another class's folder
     seen = {os.path.realpath(os.path.join(split_dir, name)) for name in names}
+    split = os.path.realpath(split_dir)
     for name in names:
         if name not in class_index:
             raise DataError(
@@ -598,7 +599,6 @@ def _scan(split_dir, class_index):
             real = os.path.realpath(parent)
             # not a folder walked already, another class's, nor the split or above it: a link
             # back there would list the other classes' images under this one
-            split = os.path.realpath(split_dir)
             if parent != class_dir and (real in seen or os.path.commonpath([real, split]) == real):
                 folders.clear()
                 continue
